@@ -1,0 +1,327 @@
+"""The prepare stage: parallel text from any source -> normalised, filtered Arrow splits.
+
+    stats = prepare(cfg.data, run_dir / "data")     # skipped when its stamp matches the config
+    ds = load_split(run_dir / "data", "train")      # datasets.Dataset with columns src, tgt
+
+Every source ends up as a `datasets.Dataset` with two string columns, `src` and `tgt`, and from
+there one code path normalises, filters and saves it (Arrow on disk, memory-mapped when read back,
+so millions of pairs never become Python lists):
+
+    text   <path>/<split>.<lang>[.gz]   one sentence per line, one file per language
+    tsv    <path>/<split>.tsv[.gz]      columns chosen by src_field / tgt_field
+    jsonl  <path>/<split>.jsonl[.gz]    one object per line; dotted fields reach into dicts
+    hub    datasets.load_dataset(path, hub_config, split=...)  (Hugging Face Hub or a local dir)
+
+Filters (empty side, too long, length ratio, duplicates) apply to `cfg.filter_splits` only and
+their counts are recorded in stats.json. Bad input raises DataError with a one-line message.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from mt.config import DataConfig, to_container
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "corpora"
+STATS_FILE = "stats.json"
+_CHUNK = 10_000  # rows per batch in map/filter passes
+
+# Characters that print as a space (or separate words) become an ASCII space; invisible
+# format characters are dropped. ZWJ/ZWNJ are kept: they change spelling in several scripts.
+_SPACES = re.compile("[\t\n\v\f\r\x1c-\x1f\x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+_INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x7f\u00ad\u200b\u2060\ufeff]")
+_RUNS = re.compile(" {2,}")
+
+
+class DataError(Exception):
+    """Unusable input data; the message is one line naming the file, line, dataset or field."""
+
+
+def normalize(text: str) -> str:
+    """NFC, unify space-like characters, drop invisible ones, collapse runs, trim."""
+    text = unicodedata.normalize("NFC", text)
+    text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
+    return _RUNS.sub(" ", text).strip()
+
+
+def resolve_path(path: str) -> Path:
+    """`builtin:NAME` -> the corpus shipped in the package; anything else -> a filesystem path."""
+    if path.startswith("builtin:"):
+        return BUILTIN_DIR / path[len("builtin:"):]
+    return Path(path).expanduser()
+
+
+# --- reading local files ------------------------------------------------------------------------
+
+def _find(base: Path) -> Path:
+    """`base` itself or `base.gz`; a missing file is a DataError naming the path."""
+    for candidate in (base, base.with_name(base.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"missing file: {base} (or {base.name}.gz)")
+
+
+def read_lines(path: Path) -> Iterator[str]:
+    """Lines of a UTF-8 file (plain or gzip), split on LF only so that U+2028, form feeds and
+    other exotic separators inside a sentence never shift parallel lines out of step."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def check_utf8(path: Path) -> None:
+    for _ in read_lines(path):
+        pass
+
+
+def _count_rest(lines: Iterator[str]) -> int:
+    return sum(1 for _ in lines)
+
+
+def _text_pairs(src_path: str, tgt_path: str) -> Iterator[Dict[str, str]]:
+    """Zip two line-aligned files; different line counts name both files and both counts."""
+    src_lines, tgt_lines = read_lines(Path(src_path)), read_lines(Path(tgt_path))
+    n = 0
+    while True:
+        s, t = next(src_lines, None), next(tgt_lines, None)
+        if s is None or t is None:
+            if s is None and t is None:
+                return
+            n_src = n + (0 if s is None else 1 + _count_rest(src_lines))
+            n_tgt = n + (0 if t is None else 1 + _count_rest(tgt_lines))
+            raise DataError(f"line counts differ: {src_path} has {n_src} lines, {tgt_path} has {n_tgt}")
+        n += 1
+        yield {"src": s, "tgt": t}
+
+
+# --- loading every source into Dataset(src, tgt) ------------------------------------------------
+
+def _get_field(example: Dict[str, Any], dotted: str) -> Any:
+    value: Any = example
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _field_names(features: Any, prefix: str = "") -> List[str]:
+    """Every reachable (dotted) field of a datasets.Features, for error messages."""
+    names = []
+    for key, feature in features.items():
+        names.append(prefix + key)
+        sub = getattr(feature, "languages", None)  # datasets.Translation
+        if isinstance(feature, dict):
+            names += _field_names(feature, prefix + key + ".")
+        elif sub:
+            names += [f"{prefix}{key}.{lang}" for lang in sub]
+    return names
+
+
+def _select_fields(ds, src_field: str, tgt_field: str, where: str):
+    """Dataset with columns src, tgt taken from (possibly nested) fields of `ds`."""
+    available = _field_names(ds.features)
+    for f in (src_field, tgt_field):
+        if f not in available:
+            raise DataError(f"{where}: no field {f!r}; available: {', '.join(available)}")
+
+    def pick(batch: Dict[str, list]) -> Dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return {"src": [_get_field(r, src_field) for r in rows],
+                "tgt": [_get_field(r, tgt_field) for r in rows]}
+
+    return ds.map(pick, batched=True, batch_size=_CHUNK, remove_columns=ds.column_names,
+                  desc="fields")
+
+
+def _load_hub(cfg: DataConfig, split: str, cache_dir: str):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    name = f"{cfg.path}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split, cache_dir=cache_dir)
+    except DatasetNotFoundError as e:
+        raise DataError(f"Hub dataset {cfg.path!r} not found: {str(e).splitlines()[0]}") from None
+    except (ValueError, KeyError, ConnectionError, OSError) as e:
+        # unknown config or split: datasets' message lists the available ones
+        raise DataError(f"Hub dataset {name}, split {split!r}: {' '.join(str(e).split())}") from None
+    return _select_fields(ds, cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang,
+                          f"Hub dataset {name}")
+
+
+def _load_tsv(cfg: DataConfig, path: Path, cache_dir: str):
+    import datasets
+
+    check_utf8(path)
+    first = next(read_lines(path), "")
+    columns = first.split("\t") if cfg.tsv_header else [str(i) for i in range(len(first.split("\t")))]
+    features = datasets.Features({c: datasets.Value("string") for c in columns})
+    try:
+        ds = datasets.load_dataset(
+            "csv", data_files={"split": str(path)}, split="split", cache_dir=cache_dir,
+            delimiter="\t", quoting=3, header=0 if cfg.tsv_header else None,
+            column_names=columns, features=features, keep_default_na=False, na_filter=False)
+    except Exception as e:  # pandas' parser error carries the line number
+        cause = e.__cause__ or e
+        raise DataError(f"{path}: {' '.join(str(cause).split())}") from None
+    return _select_fields(ds, cfg.src_field or "0", cfg.tgt_field or "1", str(path))
+
+
+def _load_jsonl(cfg: DataConfig, path: Path, cache_dir: str):
+    import datasets
+
+    check_utf8(path)
+    for number, line in enumerate(read_lines(path), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    ds = datasets.load_dataset("json", data_files={"split": str(path)}, split="split",
+                               cache_dir=cache_dir)
+    return _select_fields(ds, cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang, str(path))
+
+
+def _load_text(cfg: DataConfig, base: Path, split: str, cache_dir: str):
+    import datasets
+
+    src = _find(base / f"{split}.{cfg.src_lang}")
+    tgt = _find(base / f"{split}.{cfg.tgt_lang}")
+    # from_generator streams into an Arrow file: the corpus is never a Python list.
+    return datasets.Dataset.from_generator(
+        _text_pairs, gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)}, cache_dir=cache_dir,
+        features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}))
+
+
+def load_source(cfg: DataConfig, split: str, cache_dir: str):
+    """Dataset(src, tgt) for one source split name, from whichever source the config names."""
+    if cfg.local_dir:
+        return _load_text(cfg, resolve_path(cfg.local_dir), split, cache_dir)
+    if cfg.source == "hub":
+        return _load_hub(cfg, split, cache_dir)
+    base = resolve_path(cfg.path)
+    if not base.is_dir():
+        raise DataError(f"data.path: no such directory: {base}")
+    if cfg.source == "text":
+        return _load_text(cfg, base, split, cache_dir)
+    if cfg.source == "tsv":
+        return _load_tsv(cfg, _find(base / f"{split}.tsv"), cache_dir)
+    return _load_jsonl(cfg, _find(base / f"{split}.jsonl"), cache_dir)
+
+
+# --- normalisation and filters (one path for every source) -------------------------------------
+
+REASONS = ("kept", "empty", "too_long", "ratio", "duplicate")
+
+
+def _clean(ds, cfg: DataConfig, apply_filters: bool) -> Tuple[Any, Dict[str, int]]:
+    seen: set = set()
+
+    def process(batch: Dict[str, list]) -> Dict[str, list]:
+        src, tgt = batch["src"], batch["tgt"]
+        if cfg.normalize:
+            src, tgt = [normalize(s) for s in src], [normalize(t) for t in tgt]
+        else:
+            src = [s.replace("\t", " ").replace("\n", " ") for s in src]
+            tgt = [t.replace("\t", " ").replace("\n", " ") for t in tgt]
+        reasons = []
+        for s, t in zip(src, tgt):
+            ns, nt = len(s.split()), len(t.split())
+            reason = 0
+            if not apply_filters:
+                pass
+            elif ns == 0 or nt == 0:
+                reason = 1
+            elif cfg.max_words and max(ns, nt) > cfg.max_words:
+                reason = 2
+            elif cfg.max_ratio and max(ns, nt) > cfg.max_ratio * min(ns, nt):
+                reason = 3
+            elif cfg.dedup:
+                key = hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=8).digest()
+                reason = 4 if key in seen else 0
+                seen.add(key)
+            reasons.append(reason)
+        return {"src": src, "tgt": tgt, "reason": reasons}
+
+    ds = ds.map(process, batched=True, batch_size=_CHUNK, load_from_cache_file=False, desc="clean")
+    codes = np.asarray(ds.with_format("numpy")["reason"], dtype=np.int64)
+    counts = np.bincount(codes, minlength=len(REASONS))
+    stats = {"read": int(len(codes)), **{r: int(c) for r, c in zip(REASONS, counts)}}
+    ds = ds.select(np.flatnonzero(codes == 0)).remove_columns("reason")
+    return ds, stats
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+def fingerprint(cfg: DataConfig) -> str:
+    """Hash of the config and of the local input files' names, sizes and mtimes."""
+    parts: List[Any] = [to_container(cfg)]
+    local = cfg.local_dir or (cfg.path if cfg.source != "hub" else None)
+    if local and resolve_path(local).is_dir():
+        for f in sorted(resolve_path(local).iterdir()):
+            if f.is_file():
+                st = f.stat()
+                parts.append([f.name, st.st_size, int(st.st_mtime)])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_done(out_dir: Path, stamp: str) -> bool:
+    stats_file = out_dir / STATS_FILE
+    return stats_file.is_file() and json.loads(stats_file.read_text()).get("fingerprint") == stamp
+
+
+def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, Any]:
+    """Load, normalise, filter and save every split; returns (and writes) the statistics."""
+    out_dir = Path(out_dir)
+    stamp = fingerprint(cfg)
+    if not force and is_done(out_dir, stamp):
+        stats = json.loads((out_dir / STATS_FILE).read_text())
+        log.info("prepare: up to date (%s), skipped", out_dir)
+        return stats
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    stats: Dict[str, Any] = {"fingerprint": stamp, "splits": {}}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".cache-") as cache_dir:
+        for split, source_split in cfg.splits.items():
+            ds = load_source(cfg, source_split, cache_dir)
+            ds, split_stats = _clean(ds, cfg, apply_filters=split in cfg.filter_splits)
+            ds.save_to_disk(str(out_dir / split))
+            stats["splits"][split] = split_stats
+            removed = ", ".join(f"{r} {split_stats[r]}" for r in REASONS[1:] if split_stats[r])
+            log.info("prepare: %s: %d pairs kept of %d%s", split, split_stats["kept"],
+                     split_stats["read"], f" (removed: {removed})" if removed else "")
+    # written last: its presence means the stage finished
+    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def load_split(data_dir: Path, split: str):
+    """The prepared split as a memory-mapped datasets.Dataset (columns src, tgt)."""
+    import datasets
+
+    path = Path(data_dir) / split
+    if not path.is_dir():
+        raise DataError(f"no prepared split {split!r} in {data_dir}: run the prepare stage")
+    return datasets.load_from_disk(str(path))
+
+
+def iter_pairs(ds, batch_size: int = _CHUNK) -> Iterator[Tuple[List[str], List[str]]]:
+    """(src lines, tgt lines) in chunks, without materialising the whole split."""
+    for batch in ds.iter(batch_size=batch_size):
+        yield batch["src"], batch["tgt"]

@@ -1,0 +1,181 @@
+"""Attentional recurrent decoder: one step function shared by training and decoding.
+
+Two placements of attention (Luong et al. 2015, section 3; Bahdanau et al. 2015):
+
+    bahdanau:  c_t = attn(s_{t-1});  s_t = RNN([y_{t-1}; c_t], s_{t-1});  a_t = tanh(W [s_t; c_t])
+    luong:     s_t = RNN([y_{t-1}; a_{t-1}], s_{t-1});  c_t = attn(s_t);  a_t = tanh(W [s_t; c_t])
+               (a_{t-1} is fed only with input feeding)
+    logits_t = W_out a_t
+
+The weights live in torch's fused nn.GRU / nn.LSTM / nn.RNN module, so the Luong decoder without
+input feeding trains with one call over the whole target (no Python loop). Otherwise the step
+runs the cell equations itself, which lets the input-side product of the embeddings, the part of
+each step that does not depend on the previous step, be computed for all steps in one large
+matrix product before the loop; a step then adds only the product of its fed vector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mt.attention import build_attention
+from mt.encoder import EncoderOut, make_rnn
+
+GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@dataclass
+class DecoderState:
+    """Recurrent state between steps; every tensor has the batch in dimension 0."""
+
+    hidden: Tuple[Tensor, ...]  # per layer: batch x dec_hidden
+    cell: Optional[Tuple[Tensor, ...]] = None  # per layer: batch x dec_hidden (LSTM)
+    feed: Optional[Tensor] = None  # batch x att_size: previous attentional vector (input feeding)
+
+    def index_select(self, index: Tensor) -> "DecoderState":
+        pick = lambda ts: None if ts is None else tuple(t.index_select(0, index) for t in ts)  # noqa: E731
+        feed = None if self.feed is None else self.feed.index_select(0, index)
+        return DecoderState(pick(self.hidden), pick(self.cell), feed)
+
+
+class RecurrentDecoder(nn.Module):
+    def __init__(self, cell: str, embedding: nn.Embedding, enc_size: int, hidden: int, layers: int,
+                 style: str, attention: str, attn_size: int, input_feeding: bool, bridge: bool,
+                 att_size: int, vocab_size: int, dropout: float, emb_dropout: float):
+        super().__init__()
+        self.cell, self.style, self.layers, self.hidden_size = cell, style, layers, hidden
+        self.embedding = embedding
+        emb_size = embedding.embedding_dim
+        # what the first layer takes besides the embedding: the context (bahdanau), the previous
+        # attentional vector (luong + input feeding) or nothing
+        self.feed_size = enc_size if style == "bahdanau" else (att_size if input_feeding else 0)
+        self.rnn = make_rnn(cell, emb_size + self.feed_size, hidden, layers, dropout)
+        self.attention = build_attention(attention, hidden, enc_size, attn_size)
+        self.att_layer = nn.Linear(hidden + enc_size, att_size)
+        self.output_layer = nn.Linear(att_size, vocab_size)
+        self.bridge_h = nn.Linear(enc_size, layers * hidden) if bridge else None
+        self.bridge_c = nn.Linear(enc_size, layers * hidden) if bridge and cell == "lstm" else None
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.emb_size, self.att_size = emb_size, att_size
+
+    @property
+    def parallel(self) -> bool:
+        """True when training can run the RNN over the whole target in one call."""
+        return self.style == "luong" and self.feed_size == 0
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def init_state(self, enc: EncoderOut) -> DecoderState:
+        batch = enc.summary.shape[0]
+
+        def bridged(layer: Optional[nn.Linear], summary: Optional[Tensor]) -> Tuple[Tensor, ...]:
+            if layer is None or summary is None:
+                zero = enc.summary.new_zeros(batch, self.hidden_size)
+                return tuple(zero for _ in range(self.layers))
+            return tuple(torch.tanh(layer(summary)).view(batch, self.layers, -1).unbind(1))
+
+        hidden = bridged(self.bridge_h, enc.summary)
+        cell = bridged(self.bridge_c, enc.summary_cell) if self.cell == "lstm" else None
+        feed = enc.summary.new_zeros(batch, self.att_size) if self.style == "luong" and self.feed_size else None
+        return DecoderState(hidden, cell, feed)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def embed_inputs(self, tokens: Tensor) -> Tensor:
+        """Input-side gate pre-activations of the first layer from the embeddings alone.
+        tokens: batch [x T] -> batch [x T] x gates*hidden (includes the input bias)."""
+        w = self.rnn.weight_ih_l0[:, :self.emb_size]
+        return F.linear(self.emb_dropout(self.embedding(tokens)), w, self.rnn.bias_ih_l0)
+
+    def _cell(self, gx: Tensor, h: Tensor, c: Optional[Tensor], layer: int):
+        """One layer, one step: gx = input-side pre-activations (batch x gates*hidden)."""
+        gh = F.linear(h, getattr(self.rnn, f"weight_hh_l{layer}"), getattr(self.rnn, f"bias_hh_l{layer}"))
+        if self.cell == "gru":  # gate order r, z, n, as in nn.GRU
+            n_h = self.hidden_size
+            rz = torch.sigmoid(gx[:, :2 * n_h] + gh[:, :2 * n_h])
+            r, z = rz[:, :n_h], rz[:, n_h:]
+            n = torch.tanh(gx[:, 2 * n_h:] + r * gh[:, 2 * n_h:])
+            return n + z * (h - n), None
+        if self.cell == "lstm":  # gate order i, f, g, o, as in nn.LSTM
+            i, f, g, o = (gx + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        pre = gx + gh
+        return (torch.tanh(pre) if self.cell == "rnn_tanh" else torch.relu(pre)), None
+
+    def step(self, gx0: Tensor, state: DecoderState, enc: EncoderOut) -> Tuple[Tensor, DecoderState, Tensor]:
+        """One decoder step from the embedding pre-activations gx0 (batch x gates*hidden).
+        Returns the attentional vector (batch x att_size), the new state and the attention
+        weights (batch x src_len)."""
+        context = weights = None
+        if self.style == "bahdanau":
+            context, weights = self.attention(state.hidden[-1], enc.keys, enc.outputs, enc.bias)
+            fed = context
+        else:
+            fed = state.feed
+        if fed is not None:
+            gx0 = gx0 + F.linear(fed, self.rnn.weight_ih_l0[:, self.emb_size:])
+        hidden: List[Tensor] = []
+        cells: List[Tensor] = []
+        x = gx0
+        for layer in range(self.layers):
+            if layer > 0:  # nn.GRU semantics: dropout between layers
+                x = F.linear(self.dropout(hidden[-1]), getattr(self.rnn, f"weight_ih_l{layer}"),
+                             getattr(self.rnn, f"bias_ih_l{layer}"))
+            h, c = self._cell(x, state.hidden[layer], state.cell[layer] if state.cell else None, layer)
+            hidden.append(h)
+            if c is not None:
+                cells.append(c)
+        top = hidden[-1]
+        if self.style == "luong":
+            context, weights = self.attention(top, enc.keys, enc.outputs, enc.bias)
+        att = torch.tanh(self.att_layer(self.dropout(torch.cat([top, context], dim=1))))
+        feed = att if self.style == "luong" and self.feed_size else None
+        return att, DecoderState(tuple(hidden), tuple(cells) if cells else None, feed), weights
+
+    # --- teacher-forced training ----------------------------------------------------------------
+
+    def forward(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut,
+                tf_ratio: float = 1.0) -> Tuple[Tensor, Tensor]:
+        """tgt_in: batch x T (BOS + reference). Returns attentional vectors batch x T x att_size
+        and attention weights batch x T x src_len. tf_ratio < 1 is scheduled sampling: each
+        step feeds the reference token with that probability, else the model's own argmax."""
+        if tf_ratio < 1.0:
+            return self._forward_sampled(tgt_in, state, enc, tf_ratio)
+        if self.parallel:
+            return self._forward_parallel(tgt_in, state, enc)
+        gx = self.embed_inputs(tgt_in)  # B x T x G: one large product for all steps
+        atts, weights = [], []
+        for t in range(tgt_in.shape[1]):
+            att, state, w = self.step(gx[:, t], state, enc)
+            atts.append(att)
+            weights.append(w)
+        return torch.stack(atts, dim=1), torch.stack(weights, dim=1)
+
+    def _forward_parallel(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut):
+        emb = self.emb_dropout(self.embedding(tgt_in))  # B x T x E
+        h0 = torch.stack(state.hidden)  # layers x B x H
+        init = (h0, torch.stack(state.cell)) if self.cell == "lstm" else h0
+        outputs, _ = self.rnn(emb, init)  # B x T x H, the whole target in one call
+        context, weights = self.attention(outputs, enc.keys, enc.outputs, enc.bias)
+        att = torch.tanh(self.att_layer(self.dropout(torch.cat([outputs, context], dim=2))))
+        return att, weights
+
+    def _forward_sampled(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut, tf_ratio: float):
+        atts, weights = [], []
+        tokens = tgt_in[:, 0]
+        for t in range(tgt_in.shape[1]):
+            att, state, w = self.step(self.embed_inputs(tokens), state, enc)
+            atts.append(att)
+            weights.append(w)
+            if t + 1 < tgt_in.shape[1]:
+                with torch.no_grad():
+                    predicted = self.output_layer(att).argmax(dim=-1)
+                use_gold = torch.rand(predicted.shape, device=predicted.device) < tf_ratio
+                tokens = torch.where(use_gold, tgt_in[:, t + 1], predicted)
+        return torch.stack(atts, dim=1), torch.stack(weights, dim=1)

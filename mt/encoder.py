@@ -1,0 +1,75 @@
+"""Recurrent encoder: embeddings -> N-layer (bi)directional GRU / LSTM / Elman RNN.
+
+Sequences are packed, so padding never reaches the recurrent states: the final state of every
+sentence is the state after its last real token, whatever the batch's longest sentence.
+
+    enc = encoder(src, src_len)   # src: batch x src_len ids; src_len: batch
+    enc.outputs                   # batch x src_len x enc_size (zeros at padding)
+    enc.summary                   # batch x enc_size: last layer's final state(s), both directions
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: float,
+             bidirectional: bool = False) -> nn.RNNBase:
+    """torch's fused recurrent layer for a `model.cell` name."""
+    kwargs = dict(num_layers=layers, batch_first=True, bidirectional=bidirectional,
+                  dropout=dropout if layers > 1 else 0.0)
+    if cell == "gru":
+        return nn.GRU(input_size, hidden, **kwargs)
+    if cell == "lstm":
+        return nn.LSTM(input_size, hidden, **kwargs)
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return nn.RNN(input_size, hidden, nonlinearity=cell[4:], **kwargs)
+    raise ValueError(f"model.cell: unknown cell {cell!r}")
+
+
+@dataclass
+class EncoderOut:
+    """What the decoder attends to; every field has the batch in dimension 0."""
+
+    outputs: Tensor  # batch x src_len x enc_size
+    keys: Tensor  # batch x src_len x key_size: attention keys, projected once
+    bias: Tensor  # batch x src_len: 0 at tokens, -inf at padding (added to scores)
+    summary: Tensor  # batch x enc_size (hidden state summary for the bridge)
+    summary_cell: Optional[Tensor] = None  # batch x enc_size (LSTM cell state summary)
+
+    def index_select(self, index: Tensor) -> "EncoderOut":
+        return replace(self, **{f.name: getattr(self, f.name).index_select(0, index)
+                                for f in fields(self) if getattr(self, f.name) is not None})
+
+
+class RecurrentEncoder(nn.Module):
+    def __init__(self, cell: str, embedding: nn.Embedding, hidden: int, layers: int,
+                 bidirectional: bool, dropout: float, emb_dropout: float):
+        super().__init__()
+        self.embedding = embedding
+        self.cell = cell
+        self.rnn = make_rnn(cell, embedding.embedding_dim, hidden, layers, dropout, bidirectional)
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.directions = 2 if bidirectional else 1
+        self.output_size = hidden * self.directions
+
+    def forward(self, src: Tensor, src_len: Tensor):
+        """src: batch x src_len; src_len: batch (on any device) -> outputs, summary, summary_cell."""
+        assert src.dim() == 2 and src_len.shape == (src.shape[0],), (
+            f"encoder shapes: src {tuple(src.shape)}, src_len {tuple(src_len.shape)}")
+        emb = self.emb_dropout(self.embedding(src))  # B x S x E
+        packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        packed_out, final = self.rnn(packed)
+        outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.shape[1])
+        h_n, c_n = final if isinstance(final, tuple) else (final, None)
+
+        def last_layer(state: Tensor) -> Tensor:  # (layers*dirs) x B x H -> B x dirs*H
+            return torch.cat(list(state[-self.directions:]), dim=-1)
+
+        summary_cell = last_layer(c_n) if c_n is not None else None
+        return self.dropout(outputs), last_layer(h_n), summary_cell

@@ -1,0 +1,149 @@
+"""`mt-train`: run a recipe's stages, prepare -> tokenizer -> train -> translate -> score.
+
+    mt-train                                              # the default recipe (Multi30k en->de)
+    mt-train recipe=multi30k_en_de tokenizer.vocab_size=4000
+    mt-train recipe=multi30k_de_en stages=[prepare,tokenizer]
+    mt-train -m recipe=multi30k_en_de train.lr=1e-3,3e-4  # Hydra multirun: one run dir per job
+
+Everything a run makes lives in one directory, runs/<name> (multirun: runs/<name>/multirun/<job>):
+
+    config.yaml                 the resolved config of the latest invocation
+    mt.log                      the log of every invocation
+    data/                       prepared splits (Arrow) and stats.json         <- prepare
+    tokenizer/                  spm.model (or src/tgt.model), ids/, stamp.json  <- tokenizer
+    checkpoints/{last,best}.pt  tb/, train.log                                 <- train
+    test.hyp                    detokenised translations of the test split      <- translate
+    test.scores.json            BLEU / chrF / TER with sacreBLEU signatures    <- score
+
+Each stage is a plain function of (cfg, run_dir); it skips its work when its outputs exist and
+were made from the same configuration (a fingerprint is stored with them), so a re-run resumes
+where the last one stopped. `force=true` redoes the selected stages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+from mt.config import ConfigError, register_configs, validate
+
+log = logging.getLogger("mt")
+
+
+def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> None:
+    """Log lines to stderr (stdout stays data) and, given a run dir, to run_dir/mt.log."""
+    root = logging.getLogger("mt")
+    for h in list(root.handlers):
+        if getattr(h, "_mt", False):
+            root.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(run_dir) / "mt.log", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._mt = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+    root.propagate = False
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+def stage_prepare(cfg: DictConfig, run_dir: Path) -> Any:
+    from mt.data import prepare
+
+    return prepare(cfg.data, run_dir / "data", force=cfg.force)
+
+
+def _require(path: Path, stage: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (stages=[{stage},...])")
+
+
+def stage_tokenizer(cfg: DictConfig, run_dir: Path) -> Any:
+    from mt.data import STATS_FILE
+    from mt.tokenizer import train_tokenizer
+
+    _require(run_dir / "data" / STATS_FILE, "prepare")
+    return train_tokenizer(cfg.tokenizer, run_dir / "data", run_dir / "tokenizer", force=cfg.force)
+
+
+def stage_train(cfg: DictConfig, run_dir: Path) -> Any:
+    from mt.train import train
+
+    _require(run_dir / "tokenizer" / "stamp.json", "tokenizer")
+    return train(cfg, run_dir)
+
+
+def stage_translate(cfg: DictConfig, run_dir: Path) -> Any:
+    from mt.translate import translate_test
+
+    _require(run_dir / "checkpoints" / "best.pt", "train")
+    return translate_test(cfg, run_dir)
+
+
+def stage_score(cfg: DictConfig, run_dir: Path) -> Any:
+    from mt.evaluate import score_test
+
+    _require(run_dir / "test.hyp", "translate")
+    return score_test(cfg, run_dir)
+
+
+STAGE_FNS: Dict[str, Callable[[DictConfig, Path], Any]] = {
+    "prepare": stage_prepare,
+    "tokenizer": stage_tokenizer,
+    "train": stage_train,
+    "translate": stage_translate,
+    "score": stage_score,
+}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+    """Run the selected stages in pipeline order; returns each stage's result by name."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    setup_logging(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run %s: stages %s", run_dir, ",".join(cfg.stages))
+    results = {}
+    for stage, fn in STAGE_FNS.items():
+        if stage in cfg.stages:
+            results[stage] = fn(cfg, run_dir)
+    return results
+
+
+# --- Hydra entry point (thin) -------------------------------------------------------------------
+
+register_configs()
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from mt.data import DataError
+
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        # one line, no traceback: these are the user's input, not our bug
+        print(f"mt-train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    import hydra
+
+    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_hydra_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Encoder, attention, decoder and model: properties, not seeded constants."""
+import itertools
+
+import pytest
+import torch
+
+from mt.attention import build_attention, mask_bias
+from mt.config import ConfigError, ModelConfig, structured
+from mt.model import build_model, count_parameters
+from mt.tokenizer import BOS_ID, PAD_ID
+
+V = 37
+
+
+def model_cfg(**kw):
+    base = dict(emb_size=12, enc_hidden=10, dec_hidden=14, attn_size=9, dropout=0.0, emb_dropout=0.0)
+    base.update(kw)
+    return structured(ModelConfig(**base))
+
+
+def batch(b=4, s=7, t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src_len = torch.randint(1, s + 1, (b,), generator=g)
+    src_len[0] = s
+    src = torch.randint(4, V, (b, s), generator=g)
+    src[torch.arange(s)[None, :] >= src_len[:, None]] = PAD_ID
+    tgt_in = torch.randint(4, V, (b, t), generator=g)
+    tgt_in[:, 0] = BOS_ID
+    return src, src_len, tgt_in
+
+
+ARCHS = [
+    dict(cell=c, decoder=d, attention=a, input_feeding=f, dec_layers=n)
+    for c, (d, a, f), n in itertools.product(
+        ["gru", "lstm", "rnn_tanh", "rnn_relu"],
+        [("bahdanau", "bahdanau", True), ("luong", "general", True), ("luong", "general", False),
+         ("luong", "concat", False), ("luong", "bahdanau", True)],
+        [1, 2])
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(str(v) for v in a.values()))
+def test_teacher_forced_forward_equals_step_by_step(arch):
+    torch.manual_seed(0)
+    model = build_model(model_cfg(**arch), V, V).eval()
+    src, src_len, tgt_in = batch()
+    with torch.no_grad():
+        att, weights = model(src, src_len, tgt_in)
+        logits = model.logits(att)
+        enc = model.encode(src, src_len)
+        state = model.init_state(enc)
+        for t in range(tgt_in.shape[1]):
+            step_logits, state, w = model.step(tgt_in[:, t], state, enc)
+            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(w, weights[:, t], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "concat", "general", "dot"])
+def test_attention_sums_to_one_over_unmasked_positions(kind):
+    torch.manual_seed(0)
+    attn = build_attention(kind, 8, 8, 5)
+    values = torch.randn(3, 6, 8)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5]).bool()
+    keys = attn.project_keys(values)
+    for query in (torch.randn(3, 8), torch.randn(3, 4, 8)):
+        context, weights = attn(query, keys, values, mask_bias(mask, values.dtype))
+        w = weights if weights.dim() == 3 else weights.unsqueeze(1)
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
+        assert (w.masked_select(~mask[:, None, :].expand_as(w)) == 0).all()
+        assert context.shape == query.shape[:-1] + (8,)
+
+
+def test_encoder_padding_does_not_leak():
+    """A sentence encodes the same alone and next to longer ones (packing)."""
+    torch.manual_seed(0)
+    for cell in ["gru", "lstm"]:
+        model = build_model(model_cfg(cell=cell, enc_layers=2), V, V).eval()
+        src, src_len, _ = batch(b=3, s=9)
+        with torch.no_grad():
+            enc = model.encode(src, src_len)
+            for i in range(3):
+                n = int(src_len[i])
+                alone = model.encode(src[i:i + 1, :n], src_len[i:i + 1])
+                torch.testing.assert_close(alone.outputs[0], enc.outputs[i, :n], atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(alone.summary[0], enc.summary[i], atol=1e-6, rtol=1e-5)
+                assert (enc.outputs[i, n:] == 0).all()
+
+
+def test_decoder_cell_matches_torch_fused_rnn():
+    """The hand-written cell equations equal nn.GRU / nn.LSTM on the same weights."""
+    torch.manual_seed(0)
+    for cell in ["gru", "lstm", "rnn_tanh", "rnn_relu"]:
+        model = build_model(model_cfg(cell=cell, decoder="luong", attention="general",
+                                      input_feeding=False, dec_layers=2), V, V).eval()
+        dec = model.decoder
+        src, src_len, tgt_in = batch()
+        with torch.no_grad():
+            enc = model.encode(src, src_len)
+            state = model.init_state(enc)
+            h0 = torch.stack(state.hidden)
+            ref, _ = dec.rnn(dec.embedding(tgt_in), (h0, torch.stack(state.cell)) if cell == "lstm" else h0)
+            gx = dec.embed_inputs(tgt_in)
+            for t in range(tgt_in.shape[1]):
+                _, state, _ = dec.step(gx[:, t], state, enc)
+                torch.testing.assert_close(state.hidden[-1], ref[:, t], atol=1e-5, rtol=1e-4)
+
+
+def test_tied_embeddings_share_one_tensor():
+    m = build_model(model_cfg(tie_embeddings="all"), V, V)
+    assert m.decoder.output_layer.weight is m.encoder.embedding.weight is m.decoder.embedding.weight
+    m2 = build_model(model_cfg(tie_embeddings="decoder"), V, V + 1)
+    assert m2.decoder.output_layer.weight is m2.decoder.embedding.weight
+    assert m2.encoder.embedding.weight is not m2.decoder.embedding.weight
+    assert count_parameters(m) < count_parameters(build_model(model_cfg(), V, V))
+    with pytest.raises(ConfigError, match="one vocabulary"):
+        build_model(model_cfg(tie_embeddings="all"), V, V + 1)
+
+
+def test_reorder_state_selects_rows():
+    torch.manual_seed(0)
+    model = build_model(model_cfg(cell="lstm", decoder="luong", attention="general"), V, V).eval()
+    src, src_len, tgt_in = batch()
+    with torch.no_grad():
+        enc = model.encode(src, src_len)
+        state = model.init_state(enc)
+        _, state, _ = model.step(tgt_in[:, 0], state, enc)
+        index = torch.tensor([2, 2, 0])
+        enc2, state2 = model.reorder_encoder(enc, index), model.reorder_state(state, index)
+        logits2, _, _ = model.step(tgt_in[index, 1], state2, enc2)
+        logits, _, _ = model.step(tgt_in[:, 1], state, enc)
+        torch.testing.assert_close(logits2, logits[index])
+
+
+def test_scheduled_sampling_with_ratio_one_is_teacher_forcing():
+    torch.manual_seed(0)
+    model = build_model(model_cfg(), V, V).eval()
+    src, src_len, tgt_in = batch()
+    with torch.no_grad():
+        a, _ = model(src, src_len, tgt_in, tf_ratio=1.0)
+        b, _ = model.decoder._forward_sampled(tgt_in, model.init_state(model.encode(src, src_len)),
+                                              model.encode(src, src_len), tf_ratio=1.0)
+        c, _ = model(src, src_len, tgt_in, tf_ratio=0.0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(a[:, 2:], c[:, 2:])  # own predictions differ from the reference
