@@ -181,7 +181,9 @@ def _omegaconf_mirror(cls: type, cache: dict) -> type:
 def structured(obj: Any) -> DictConfig:
     """A typed, struct-mode DictConfig from a config dataclass instance (for code and tests)."""
     cls = type(obj)
-    node = OmegaConf.merge(OmegaConf.structured(_omegaconf_mirror(cls, {})), dataclasses.asdict(obj))
+    node = OmegaConf.structured(_omegaconf_mirror(cls, {}))
+    for key, value in dataclasses.asdict(obj).items():
+        node[key] = value  # assignment, not merge: a dict value replaces the default dict
     _check_choices(cls, node, "")
     return node
 
@@ -195,6 +197,10 @@ def register_configs() -> None:
 
 def _check_choices(cls: type, node: Any, prefix: str) -> None:
     hints = typing.get_type_hints(cls)
+    unknown = sorted(set(node.keys()) - set(hints) - {"hydra"})
+    if unknown:  # struct mode stops typos, but `+key=value` deliberately bypasses it
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; {prefix.rstrip('.') or 'the config'} has: "
+                          f"{', '.join(hints)}")
     for f in dataclasses.fields(cls):
         tp, key, value = hints[f.name], prefix + f.name, node[f.name]
         if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):

@@ -13,7 +13,8 @@ so millions of pairs never become Python lists):
     hub    datasets.load_dataset(path, hub_config, split=...)  (Hugging Face Hub or a local dir)
 
 Filters (empty side, too long, length ratio, duplicates) apply to `cfg.filter_splits` only and
-their counts are recorded in stats.json. Bad input raises DataError with a one-line message.
+their counts are recorded in stats.json. The other (evaluation) splits keep every line, and the
+untouched reference in a third column, `tgt_raw`, which is what BLEU is computed against. Bad input raises DataError with a one-line message.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "corpora"
 STATS_FILE = "stats.json"
+FORMAT = 2  # bump when the prepared layout changes: older outputs are then rebuilt
 _CHUNK = 10_000  # rows per batch in map/filter passes
 
 # Characters that print as a space (or separate words) become an ASCII space; invisible
@@ -203,9 +205,15 @@ def _load_text(cfg: DataConfig, base: Path, split: str, cache_dir: str):
     src = _find(base / f"{split}.{cfg.src_lang}")
     tgt = _find(base / f"{split}.{cfg.tgt_lang}")
     # from_generator streams into an Arrow file: the corpus is never a Python list.
-    return datasets.Dataset.from_generator(
-        _text_pairs, gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)}, cache_dir=cache_dir,
-        features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}))
+    try:
+        return datasets.Dataset.from_generator(
+            _text_pairs, gen_kwargs={"src_path": str(src), "tgt_path": str(tgt)}, cache_dir=cache_dir,
+            features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}))
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or e) from None
 
 
 def load_source(cfg: DataConfig, split: str, cache_dir: str):
@@ -256,7 +264,10 @@ def _clean(ds, cfg: DataConfig, apply_filters: bool) -> Tuple[Any, Dict[str, int
                 reason = 4 if key in seen else 0
                 seen.add(key)
             reasons.append(reason)
-        return {"src": src, "tgt": tgt, "reason": reasons}
+        out = {"src": src, "tgt": tgt, "reason": reasons}
+        if not apply_filters:  # evaluation splits keep the untouched reference for scoring
+            out["tgt_raw"] = batch["tgt"]
+        return out
 
     ds = ds.map(process, batched=True, batch_size=_CHUNK, load_from_cache_file=False, desc="clean")
     codes = np.asarray(ds.with_format("numpy")["reason"], dtype=np.int64)
@@ -270,7 +281,7 @@ def _clean(ds, cfg: DataConfig, apply_filters: bool) -> Tuple[Any, Dict[str, int
 
 def fingerprint(cfg: DataConfig) -> str:
     """Hash of the config and of the local input files' names, sizes and mtimes."""
-    parts: List[Any] = [to_container(cfg)]
+    parts: List[Any] = [FORMAT, to_container(cfg)]
     local = cfg.local_dir or (cfg.path if cfg.source != "hub" else None)
     if local and resolve_path(local).is_dir():
         for f in sorted(resolve_path(local).iterdir()):
@@ -287,6 +298,9 @@ def is_done(out_dir: Path, stamp: str) -> bool:
 
 def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, Any]:
     """Load, normalise, filter and save every split; returns (and writes) the statistics."""
+    import datasets
+
+    datasets.disable_progress_bars()  # our log lines carry the counts
     out_dir = Path(out_dir)
     stamp = fingerprint(cfg)
     if not force and is_done(out_dir, stamp):

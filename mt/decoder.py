@@ -92,14 +92,20 @@ class RecurrentDecoder(nn.Module):
         w = self.rnn.weight_ih_l0[:, :self.emb_size]
         return F.linear(self.emb_dropout(self.embedding(tokens)), w, self.rnn.bias_ih_l0)
 
+    def feed_weight(self) -> Optional[Tensor]:
+        """The first layer's input weights for the fed vector (a view: take it once per batch,
+        so autograd accumulates one gradient for it instead of one full-size one per step)."""
+        return self.rnn.weight_ih_l0[:, self.emb_size:] if self.feed_size else None
+
     def _cell(self, gx: Tensor, h: Tensor, c: Optional[Tensor], layer: int):
         """One layer, one step: gx = input-side pre-activations (batch x gates*hidden)."""
         gh = F.linear(h, getattr(self.rnn, f"weight_hh_l{layer}"), getattr(self.rnn, f"bias_hh_l{layer}"))
         if self.cell == "gru":  # gate order r, z, n, as in nn.GRU
             n_h = self.hidden_size
-            rz = torch.sigmoid(gx[:, :2 * n_h] + gh[:, :2 * n_h])
-            r, z = rz[:, :n_h], rz[:, n_h:]
-            n = torch.tanh(gx[:, 2 * n_h:] + r * gh[:, 2 * n_h:])
+            gx_rz, gx_n = gx.split([2 * n_h, n_h], dim=1)
+            gh_rz, gh_n = gh.split([2 * n_h, n_h], dim=1)
+            r, z = torch.sigmoid(gx_rz + gh_rz).chunk(2, dim=1)
+            n = torch.tanh(gx_n + r * gh_n)
             return n + z * (h - n), None
         if self.cell == "lstm":  # gate order i, f, g, o, as in nn.LSTM
             i, f, g, o = (gx + gh).chunk(4, dim=1)
@@ -108,10 +114,11 @@ class RecurrentDecoder(nn.Module):
         pre = gx + gh
         return (torch.tanh(pre) if self.cell == "rnn_tanh" else torch.relu(pre)), None
 
-    def step(self, gx0: Tensor, state: DecoderState, enc: EncoderOut) -> Tuple[Tensor, DecoderState, Tensor]:
-        """One decoder step from the embedding pre-activations gx0 (batch x gates*hidden).
-        Returns the attentional vector (batch x att_size), the new state and the attention
-        weights (batch x src_len)."""
+    def step(self, gx0: Tensor, state: DecoderState, enc: EncoderOut,
+             w_feed: Optional[Tensor] = None) -> Tuple[Tensor, DecoderState, Tensor]:
+        """One decoder step from the embedding pre-activations gx0 (batch x gates*hidden);
+        w_feed: `feed_weight()`, taken once by the caller. Returns the attentional vector
+        (batch x att_size), the new state and the attention weights (batch x src_len)."""
         context = weights = None
         if self.style == "bahdanau":
             context, weights = self.attention(state.hidden[-1], enc.keys, enc.outputs, enc.bias)
@@ -119,7 +126,7 @@ class RecurrentDecoder(nn.Module):
         else:
             fed = state.feed
         if fed is not None:
-            gx0 = gx0 + F.linear(fed, self.rnn.weight_ih_l0[:, self.emb_size:])
+            gx0 = gx0 + F.linear(fed, w_feed if w_feed is not None else self.feed_weight())
         hidden: List[Tensor] = []
         cells: List[Tensor] = []
         x = gx0
@@ -149,10 +156,11 @@ class RecurrentDecoder(nn.Module):
             return self._forward_sampled(tgt_in, state, enc, tf_ratio)
         if self.parallel:
             return self._forward_parallel(tgt_in, state, enc)
-        gx = self.embed_inputs(tgt_in)  # B x T x G: one large product for all steps
+        gx = self.embed_inputs(tgt_in).unbind(1)  # T x (B x G): one large product for all steps
+        w_feed = self.feed_weight()
         atts, weights = [], []
         for t in range(tgt_in.shape[1]):
-            att, state, w = self.step(gx[:, t], state, enc)
+            att, state, w = self.step(gx[t], state, enc, w_feed)
             atts.append(att)
             weights.append(w)
         return torch.stack(atts, dim=1), torch.stack(weights, dim=1)
@@ -168,9 +176,9 @@ class RecurrentDecoder(nn.Module):
 
     def _forward_sampled(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut, tf_ratio: float):
         atts, weights = [], []
-        tokens = tgt_in[:, 0]
+        tokens, w_feed = tgt_in[:, 0], self.feed_weight()
         for t in range(tgt_in.shape[1]):
-            att, state, w = self.step(self.embed_inputs(tokens), state, enc)
+            att, state, w = self.step(self.embed_inputs(tokens), state, enc, w_feed)
             atts.append(att)
             weights.append(w)
             if t + 1 < tgt_in.shape[1]:

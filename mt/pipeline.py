@@ -5,7 +5,8 @@
     mt-train recipe=multi30k_de_en stages=[prepare,tokenizer]
     mt-train -m recipe=multi30k_en_de train.lr=1e-3,3e-4  # Hydra multirun: one run dir per job
 
-Everything a run makes lives in one directory, runs/<name> (multirun: runs/<name>/multirun/<job>):
+Everything a run makes lives in one directory, runs/<name> (multirun: runs/<name>/multirun/<job number>,
+whose .hydra/overrides.yaml names the job's values):
 
     config.yaml                 the resolved config of the latest invocation
     mt.log                      the log of every invocation

@@ -1,0 +1,380 @@
+"""The train stage: teacher forcing, validation, checkpoints, resume, several processes.
+
+    mt-train recipe=multi30k_en_de stages=[train]              # resumes from checkpoints/last.pt
+    mt-train recipe=multi30k_en_de train.max_time=10           # 10 minutes (summed over resumes)
+    torchrun --nproc_per_node=2 -m mt.pipeline recipe=multi30k_en_de   # DDP: gloo on CPU, nccl on GPU
+    train(cfg, run_dir)                                        # what the pipeline and tests call
+
+Writes run_dir/checkpoints/{last,best}.pt, metrics.jsonl (one JSON object per log line), tb/
+(TensorBoard) and log lines to run_dir/mt.log. Kill it at any moment and run it again: it goes
+on from the last checkpoint, with the same batches, RNG states and optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from mt import checkpoint as ckpt_io
+from mt import distributed
+from mt.batches import collate, epoch_batches, eval_batches, n_target_tokens
+from mt.config import to_container
+from mt.model import Seq2Seq, build_model, count_parameters
+from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
+
+log = logging.getLogger("mt.train")
+
+# Validation decodes greedily with a generous length cap: it measures the model, not the search.
+VALID_MAX_LEN_A, VALID_MAX_LEN_B = 1.5, 10
+VALID_BATCH_TOKENS = 8000
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+class LRSchedule:
+    """lr(step) = lr * warmup/decay shape * plateau scale; the scale halves (plateau_factor)
+    after more than plateau_patience validations without improvement, floored at min_lr."""
+
+    def __init__(self, cfg):
+        self.cfg, self.scale, self.best, self.bad = cfg, 1.0, None, 0
+
+    def lr(self, step: int) -> float:
+        c, step = self.cfg, max(1, step)
+        if c.schedule == "inverse_sqrt":
+            warm = max(1, c.warmup_steps)
+            shape = min(step / warm, math.sqrt(warm / step))
+        else:
+            shape = min(1.0, step / c.warmup_steps) if c.warmup_steps else 1.0
+        return max(c.lr * shape * self.scale, min(c.min_lr, c.lr * shape)) if c.schedule == "plateau" \
+            else c.lr * shape
+
+    def observe(self, improved: bool) -> None:
+        if self.cfg.schedule != "plateau":
+            return
+        self.bad = 0 if improved else self.bad + 1
+        if self.bad > self.cfg.plateau_patience:
+            self.scale *= self.cfg.plateau_factor
+            self.bad = 0
+            log.info("lr scale now %.4g (no improvement for %d validations)", self.scale,
+                     self.cfg.plateau_patience + 1)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"scale": self.scale, "bad": self.bad}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.scale, self.bad = state["scale"], state["bad"]
+
+
+def teacher_forcing_ratio(cfg, step: int) -> float:
+    """Scheduled sampling (Bengio et al. 2015): the probability of feeding the reference token."""
+    start, end, d = cfg.teacher_forcing, cfg.tf_min, max(1, cfg.tf_decay_steps)
+    if cfg.tf_schedule == "constant":
+        return start
+    if cfg.tf_schedule == "linear":
+        return max(end, start - (start - end) * step / d)
+    if cfg.tf_schedule == "exponential":  # falls to 1% of the way by d steps
+        return end + (start - end) * 0.01 ** (step / d)
+    return end + (start - end) / (1.0 + math.exp((step - d / 2) / (d / 10)))  # inverse sigmoid
+
+
+class LossModel(nn.Module):
+    """Wraps the model so that DistributedDataParallel sees the loss inside forward()."""
+
+    def __init__(self, model: Seq2Seq, label_smoothing: float):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tgt_out: Tensor,
+                tf_ratio: float = 1.0) -> Tensor:
+        """Returns [smoothed loss sum, NLL sum] over the target tokens (padding excluded)."""
+        att, _ = self.model(src, src_len, tgt_in, tf_ratio)  # B x T x D
+        mask = tgt_out != PAD_ID
+        logp = F.log_softmax(self.model.logits(att[mask]).float(), dim=-1)  # N x V: no padding rows
+        nll = -logp.gather(1, tgt_out[mask].unsqueeze(1)).sum()
+        eps = self.label_smoothing
+        loss = (1.0 - eps) * nll - eps * logp.mean(dim=-1).sum() if eps > 0 else nll
+        return torch.stack([loss, nll.detach()])
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision=fp16 needs CUDA; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def validate(model: Seq2Seq, corpus: IdCorpus, refs: List[str], tok: Tokenizer, device: torch.device,
+             precision: str, limit: int = 0) -> Dict[str, float]:
+    """Valid loss, perplexity and greedy BLEU/chrF (sacreBLEU) against the raw references."""
+    from mt.evaluate import score_lines
+    from mt.search import greedy_search
+
+    was_training = model.training
+    model.eval()
+    idx = np.arange(len(corpus) if not limit else min(limit, len(corpus)))
+    nll = tokens = 0.0
+    hyps: List[str] = [""] * len(idx)
+    for batch_idx in eval_batches(corpus, VALID_BATCH_TOKENS, indices=idx):
+        b = collate(corpus, batch_idx, device)
+        with autocast(device, precision):
+            att, _ = model(b.src, b.src_len, b.tgt_in)
+            mask = b.tgt_out != PAD_ID
+            logits = model.logits(att[mask]).float()
+            nll += float(F.cross_entropy(logits, b.tgt_out[mask], reduction="sum"))
+            tokens += b.n_tokens
+            for i, h in zip(batch_idx, greedy_search(model, b.src, b.src_len, VALID_MAX_LEN_A, VALID_MAX_LEN_B)):
+                hyps[i] = tok.decode_tgt(h[0].tokens)
+    scores = {r["name"]: r for r in score_lines(hyps, [refs[:len(idx)]], ("bleu", "chrf"))}
+    model.train(was_training)
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": scores["BLEU"]["score"],
+            "chrf": scores["chrF2"]["score"], "bleu_signature": scores["BLEU"]["signature"]}
+
+
+def improved(metric: str, value: float, best: Optional[float]) -> bool:
+    return best is None or (value < best if metric == "loss" else value > best)
+
+
+def stop_reason(cfg, progress: Dict[str, Any]) -> Optional[str]:
+    if cfg.max_steps and progress["step"] >= cfg.max_steps:
+        return f"reached train.max_steps={cfg.max_steps}"
+    if cfg.max_epochs and progress["epoch"] >= cfg.max_epochs:
+        return f"reached train.max_epochs={cfg.max_epochs}"
+    if cfg.max_time and progress["elapsed"] >= cfg.max_time * 60:
+        return f"reached train.max_time={cfg.max_time} minutes"
+    if cfg.patience and progress["bad_validations"] >= cfg.patience:
+        return f"early stopping: no improvement in {cfg.patience} validations"
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled, self.path, self.writer = enabled, run_dir / "metrics.jsonl", None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency; keep training if it is broken
+                log.warning("tensorboard unavailable: no curves in tb/")
+
+    def write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress_bar(ctx, total: Optional[int], initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                disable=not ctx.main or not sys.stderr.isatty())
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def train(cfg, run_dir: Path) -> Dict[str, Any]:
+    """Train (or resume) the model of a run; returns the final progress record."""
+    tcfg, run_dir = cfg.train, Path(run_dir)
+    ctx = distributed.init(cfg.device)
+    device = ctx.device
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if tcfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    ckpt_dir = run_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if cfg.force and ctx.main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    distributed.barrier(ctx)
+
+    tok = Tokenizer.from_dir(run_dir / "tokenizer")
+    ids = run_dir / "tokenizer" / "ids"
+    train_corpus, valid_corpus = IdCorpus(ids, "train"), IdCorpus(ids, "valid")
+    from mt.data import load_split
+    valid_refs = list(load_split(run_dir / "data", "valid")["tgt_raw"])
+    model = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=cfg.seed).to(device)
+    loss_model = LossModel(model, tcfg.label_smoothing)
+    opt_class = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+    # fused: one kernel for all parameters (4x less optimizer time than the per-op version on CPU)
+    optimizer = opt_class(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+                          fused=True)
+    schedule = LRSchedule(tcfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16" and device.type == "cuda")
+    progress: Dict[str, Any] = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "tokens": 0,
+                                "best": None, "best_step": None, "bad_validations": 0}
+    model_cfg, tokenizer_info = to_container(cfg.model), {
+        "src": tok.src_proto, "tgt": tok.tgt_proto, "fingerprint": tok.fingerprint(),
+        "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size}
+    torch.manual_seed(cfg.seed * 1000 + ctx.rank)  # dropout differs between ranks
+    if last_path.exists():
+        ckpt = ckpt_io.load(last_path, map_location=device)
+        ckpt_io.check_compatible(ckpt, last_path, model_cfg, tok.fingerprint())
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        progress.update({k: ckpt[k] for k in progress})
+        rng = ckpt["rng"]
+        if len(rng) == ctx.world:
+            ckpt_io.set_rng_state(rng[ctx.rank])
+        log.info("train: resumed from %s at step %d (epoch %d)", last_path, progress["step"], progress["epoch"])
+    else:
+        log.info("train: %s model, %d parameters, vocabulary %d -> %d, device %s x%d",
+                 cfg.model.cell, count_parameters(model), tok.src_vocab_size, tok.tgt_vocab_size,
+                 device, ctx.world)
+    reason = stop_reason(tcfg, progress)
+    if reason:
+        log.info("train: done (%s), skipped", reason)
+        return progress
+    ddp = None
+    if ctx.distributed:
+        ddp = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = ddp if ddp is not None else loss_model
+    metrics = MetricsLog(run_dir, ctx.main)
+
+    def save(with_best: bool) -> None:
+        rng_states = distributed.gather_objects(ctx, ckpt_io.rng_state())
+        if not ctx.main:
+            return
+        state = {"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), **progress,
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng_states,
+                 "config": to_container(cfg), "model_config": model_cfg, "tokenizer": tokenizer_info}
+        ckpt_io.save(state, last_path)
+        if with_best:
+            ckpt_io.save({k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng")}, best_path)
+
+    def run_validation() -> None:
+        t0, result = time.perf_counter(), None
+        if ctx.main:
+            result = validate(model, valid_corpus, valid_refs, tok, device, tcfg.precision, tcfg.valid_max_sentences)
+        result = distributed.broadcast_object(ctx, result)
+        value = result[tcfg.valid_metric]
+        better = improved(tcfg.valid_metric, value, progress["best"])
+        if better:
+            progress.update(best=value, best_step=progress["step"], bad_validations=0)
+        else:
+            progress["bad_validations"] += 1
+        schedule.observe(better)
+        progress["elapsed"] += time.perf_counter() - t0  # max_time bounds the wall clock
+        metrics.write("valid", progress["step"], {k: v for k, v in result.items() if k != "bleu_signature"})
+        log.info("valid step %d: loss %.3f ppl %.2f BLEU %.2f chrF %.2f%s  (greedy; %s)", progress["step"],
+                 result["loss"], result["ppl"], result["bleu"], result["chrf"], " *" if better else "",
+                 result["bleu_signature"])
+        save(with_best=better)
+
+    # Training loop, in pseudo-code:
+    #   for each epoch, from the checkpoint's (epoch, epoch_step):
+    #     batches = the epoch's batch list (a function of seed and epoch); skip the updates done
+    #     for each update: accum_steps micro-batches on each of the world's ranks
+    #       loss = label-smoothed cross-entropy summed / target tokens of the whole update
+    #       backward (DDP averages over ranks), clip the gradient norm, set the lr, optimizer step
+    #       every log_every updates: log loss, perplexity, lr, target tokens/s
+    #       every valid_every updates: validate, adjust the lr on plateau, save last (and best)
+    #       stop at max_steps / max_epochs / max_time / patience
+    #   validate and save at the end if the last update was not validated
+    per_update = ctx.world * tcfg.accum_steps
+    total = tcfg.max_steps or None
+    bar = _progress_bar(ctx, total, progress["step"])
+    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
+    validated_at = progress["step"] if last_path.exists() else -1
+    model.train()
+    redirect = nullcontext() if bar.disable else logging_redirect_tqdm([logging.getLogger("mt")])
+    with redirect:
+        while not reason:
+            batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])
+            n_updates = len(batches) // per_update
+            if n_updates == 0:
+                raise ValueError(f"the train split makes {len(batches)} batches, fewer than one update needs "
+                                 f"({per_update}): lower train.batch_tokens or train.accum_steps")
+            for u in range(progress["epoch_step"], n_updates):
+                t0 = time.perf_counter()
+                group = batches[u * per_update:(u + 1) * per_update]
+                update_tokens = sum(n_target_tokens(train_corpus, g) for g in group)
+                mine = group[ctx.rank::ctx.world]
+                tf = teacher_forcing_ratio(tcfg, progress["step"])
+                sums = torch.zeros(2, device=device)
+                for k, idx in enumerate(mine):
+                    b = collate(train_corpus, idx, device)
+                    sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
+                    with sync:
+                        with autocast(device, tcfg.precision):
+                            out = step_fn(b.src, b.src_len, b.tgt_in, b.tgt_out, tf)
+                        scaler.scale(out[0] * (ctx.world / update_tokens)).backward()
+                    sums += out.detach().float()
+                lr = schedule.lr(progress["step"] + 1)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = lr
+                scaler.unscale_(optimizer)
+                if tcfg.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, nll_sum = distributed.all_reduce_sum(ctx, sums.tolist())
+                progress["step"] += 1
+                progress["epoch_step"] = u + 1
+                progress["tokens"] += update_tokens
+                dt = time.perf_counter() - t0
+                progress["elapsed"] += dt
+                window["loss"] += loss_sum
+                window["nll"] += nll_sum
+                window["tokens"] += update_tokens
+                window["time"] += dt
+                step = progress["step"]
+                bar.update(1)
+                if step % tcfg.log_every == 0 or step == 1:
+                    tps = window["tokens"] / max(window["time"], 1e-9)
+                    loss, ppl = window["loss"] / window["tokens"], math.exp(min(window["nll"] / window["tokens"], 50))
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    metrics.write("train", step, {"loss": loss, "ppl": ppl, "lr": lr, "tokens_per_s": tps,
+                                                  "epoch": progress["epoch"], "tf_ratio": tf})
+                    log.info("step %d epoch %d: loss %.3f ppl %.2f lr %.2e %s target tokens/s",
+                             step, progress["epoch"], loss, ppl, lr, f"{tps:,.0f}")
+                    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
+                reason = stop_reason(tcfg, progress)
+                if step % tcfg.valid_every == 0 or (reason and not reason.startswith("early")):
+                    run_validation()
+                    validated_at = step
+                    reason = stop_reason(tcfg, progress)
+                if reason:
+                    break
+            else:
+                progress["epoch"] += 1
+                progress["epoch_step"] = 0
+                reason = stop_reason(tcfg, progress)
+    bar.close()
+    if validated_at != progress["step"]:
+        run_validation()
+    metrics.close()
+    log.info("train: stopped at step %d (%s); best valid %s %.2f at step %s; %.1f min, %d target tokens",
+             progress["step"], reason, tcfg.valid_metric, progress["best"], progress["best_step"],
+             progress["elapsed"] / 60, progress["tokens"])
+    return progress

@@ -1,0 +1,274 @@
+"""`mt-translate`: a Unix filter. One output line per input line, logs on stderr only.
+
+    mt-translate -m runs/multi30k_en_de < test.en > test.hyp          # beam 5 (the run's config)
+    echo "A dog runs." | mt-translate -m runs/multi30k_en_de/checkpoints/best.pt --greedy
+    mt-translate -m runs/x -i in.txt -o out.txt --beam 10 --alpha 1.0 --batch-size 128
+    mt-translate -m runs/x --n-best 5 --format jsonl                   # scores and alternatives
+    mt-translate -m runs/x --sample --top-p 0.9 --seed 7               # sampling
+    mt-translate -m runs/x                                             # on a terminal: a prompt
+
+Input is read in batches as it arrives (output for a batch appears before the rest is read). An
+empty line gives an empty line; a line longer than what the model was trained on is translated
+anyway, with a warning. stdout is UTF-8 and SIGPIPE is the default, so `| head` works.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+
+from mt import checkpoint as ckpt_io
+from mt.batches import pad
+from mt.config import DecodeConfig, ModelConfig, structured
+from mt.data import normalize
+from mt.model import Seq2Seq, build_model
+from mt.search import Hypothesis, beam_search, greedy_search, sample_search
+from mt.tokenizer import EOS_ID, Tokenizer
+
+log = logging.getLogger("mt.translate")
+
+
+@dataclass
+class Result:
+    text: str  # the best hypothesis, detokenised
+    hyps: List[Hypothesis] = field(default_factory=list)
+    texts: List[str] = field(default_factory=list)  # every hypothesis, detokenised
+
+
+def find_checkpoint(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
+    return path
+
+
+class Translator:
+    """A model, its tokenizer and decoding settings: lines in, translations out."""
+
+    def __init__(self, model: Seq2Seq, tok: Tokenizer, decode: Any, device: torch.device, max_train_len: int = 0):
+        self.model, self.tok, self.decode, self.device = model.eval(), tok, decode, device
+        self.max_train_len = max_train_len
+        self.warned = 0
+
+    @classmethod
+    def from_path(cls, path: Path, device: str = "auto", **overrides: Any) -> "Translator":
+        """Load a checkpoint (a run directory means its checkpoints/best.pt); `overrides` set
+        decode.* keys (None = keep the checkpoint's value)."""
+        from mt.distributed import resolve_device
+
+        dev = resolve_device(device)
+        ckpt_path = find_checkpoint(path)
+        ckpt = ckpt_io.load(ckpt_path, map_location=dev)
+        t = ckpt["tokenizer"]
+        tok = Tokenizer(t["src"], None if t["tgt"] == t["src"] else t["tgt"])
+        model_cfg = structured(ModelConfig(**ckpt["model_config"]))
+        model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"])
+        model.load_state_dict(ckpt["model"])
+        decode = structured(DecodeConfig(**ckpt["config"]["decode"]))
+        for key, value in overrides.items():
+            if value is not None:
+                decode[key] = value
+        log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
+        return cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
+
+    @torch.no_grad()
+    def translate_batch(self, lines: Sequence[str], first_line: int = 1) -> List[Result]:
+        """Translate a list of lines (any length, empty lines included), in order."""
+        results: List[Optional[Result]] = [None] * len(lines)
+        todo = []
+        for i, line in enumerate(lines):
+            text = normalize(line)
+            if text:
+                todo.append((i, text))
+            else:
+                results[i] = Result("", [Hypothesis([], 0.0, 0.0)], [""])
+        ids = self.tok.encode_src([t for _, t in todo])
+        for (i, _), x in zip(todo, ids):
+            if self.max_train_len and len(x) + 1 > self.max_train_len:
+                log.warning("line %d: %d pieces, longer than the %d the model was trained on; translated anyway",
+                            first_line + i, len(x) + 1, self.max_train_len)
+        order = sorted(range(len(todo)), key=lambda j: len(ids[j]))  # similar lengths together
+        bs = max(1, self.decode.batch_size)
+        for start in range(0, len(order), bs):
+            chunk = order[start:start + bs]
+            src = pad([ids[j] for j in chunk], suffix=EOS_ID).to(self.device)
+            src_len = torch.tensor([len(ids[j]) + 1 for j in chunk])
+            for j, hyps in zip(chunk, self._search(src, src_len)):
+                texts = [self.tok.decode_tgt(h.tokens) for h in hyps]
+                results[todo[j][0]] = Result(texts[0], hyps, texts)
+        return [r for r in results if r is not None]
+
+    def _search(self, src: torch.Tensor, src_len: torch.Tensor) -> List[List[Hypothesis]]:
+        d = self.decode
+        if d.method == "greedy" or (d.method == "beam" and d.beam_size == 1 and d.n_best == 1):
+            return greedy_search(self.model, src, src_len, d.max_len_a, d.max_len_b)
+        if d.method == "beam":
+            return beam_search(self.model, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best)
+        return sample_search(self.model, src, src_len, d.max_len_a, d.max_len_b, temperature=d.temperature,
+                             top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
+
+    def translate_lines(self, lines: Iterable[str], buffer: int = 0) -> Iterator[str]:
+        """Best translation of each line, streamed in buffers of `buffer` lines."""
+        for results in self.stream(lines, buffer):
+            for r in results:
+                yield r.text
+
+    def stream(self, lines: Iterable[str], buffer: int = 0) -> Iterator[List[Result]]:
+        buffer = buffer or max(1, self.decode.batch_size) * 4
+        chunk: List[str] = []
+        done = 0
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) >= buffer:
+                yield self.translate_batch(chunk, done + 1)
+                done += len(chunk)
+                chunk = []
+        if chunk:
+            yield self.translate_batch(chunk, done + 1)
+
+
+# --- pipeline stage -----------------------------------------------------------------------------
+
+def translate_test(cfg, run_dir: Path) -> Path:
+    """Translate the prepared test split with cfg.decode into run_dir/test.hyp (skipped when it
+    was made by the same checkpoint and decoding settings)."""
+    from mt.config import to_container
+    from mt.data import load_split
+
+    best = run_dir / "checkpoints" / "best.pt"
+    out, stamp_file = run_dir / "test.hyp", run_dir / "test.hyp.stamp"
+    st = best.stat()
+    stamp = hashlib.sha256(json.dumps([to_container(cfg.decode), st.st_size, st.st_mtime_ns],
+                                      sort_keys=True).encode()).hexdigest()[:16]
+    if not cfg.force and out.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        log.info("translate: %s is up to date, skipped", out)
+        return out
+    translator = Translator.from_path(best, cfg.device, **to_container(cfg.decode))
+    src = load_split(run_dir / "data", "test")["src"]
+    tmp = out.with_suffix(".hyp.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in translator.translate_lines(src):
+            f.write(line + "\n")
+    os.replace(tmp, out)
+    stamp_file.write_text(stamp + "\n")
+    log.info("translate: %d lines -> %s (%s, beam %d)", len(src), out, cfg.decode.method, cfg.decode.beam_size)
+    return out
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mt-translate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="run directory or checkpoint file")
+    p.add_argument("-i", "--input", help="input file (default: stdin)")
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--beam", type=int, help="beam size (default: the run's decode config)")
+    s.add_argument("--greedy", action="store_true")
+    s.add_argument("--sample", action="store_true", help="sample instead of searching")
+    p.add_argument("--alpha", type=float, help="length penalty ((5+len)/6)**alpha")
+    p.add_argument("--max-len-a", type=float)
+    p.add_argument("--max-len-b", type=int)
+    p.add_argument("--n-best", type=int, help="hypotheses per line (needs --format tsv or jsonl)")
+    p.add_argument("--format", choices=["text", "tsv", "jsonl"], default="text",
+                   help="text: one line per input; tsv: id, rank, score, text per hypothesis; "
+                        "jsonl: one JSON object per input with every hypothesis")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="sentences per batch")
+    p.add_argument("--buffer-size", type=int, default=0, help="lines read before translating (default 4 batches)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    method = "greedy" if args.greedy else "sample" if args.sample else "beam" if args.beam else None
+    return {"method": method, "beam_size": args.beam or (1 if args.greedy or args.sample else None),
+            "alpha": args.alpha, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "n_best": args.n_best,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+            "batch_size": args.batch_size}
+
+
+def _write(out, results: List[Result], fmt: str, first_id: int, sources: List[str]) -> None:
+    for k, r in enumerate(results):
+        if fmt == "text":
+            out.write(r.text + "\n")
+        elif fmt == "tsv":
+            for rank, (h, text) in enumerate(zip(r.hyps, r.texts), start=1):
+                out.write(f"{first_id + k}\t{rank}\t{h.score:.4f}\t{text}\n")
+        else:
+            hyps = [{"text": t, "score": round(h.score, 4), "logprob": round(h.logprob, 4)} for h, t in zip(r.hyps, r.texts)]
+            out.write(json.dumps({"id": first_id + k, "src": sources[k], "hyps": hyps}, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="mt-translate: %(levelname)s %(message)s")
+    try:
+        overrides = _overrides(args)
+        if args.format == "text" and (args.n_best or 1) > 1:
+            raise ValueError("--n-best > 1 needs --format tsv or jsonl (text keeps one line per input)")
+        if (args.n_best or 1) > (args.beam or args.n_best or 1) and not args.sample:
+            raise ValueError("--n-best cannot exceed --beam")
+        translator = Translator.from_path(Path(args.model), args.device, **overrides)
+        name = args.input or "stdin"
+        inp = open(args.input, "rb") if args.input else sys.stdin.buffer
+        out = open(args.output, "w", encoding="utf-8") if args.output else \
+            open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False)
+        interactive = not args.input and sys.stdin.isatty()
+        sources: List[str] = []
+        lines = _remember(_decoded(_prompted(inp) if interactive else inp, name), sources)
+        done = 0
+        for results in translator.stream(lines, 1 if interactive else args.buffer_size):
+            _write(out, results, args.format, done + 1, sources[:len(results)])
+            del sources[:len(results)]
+            done += len(results)
+        log.info("translated %d lines", done)
+    except (ValueError, OSError, UnicodeDecodeError, ckpt_io.CheckpointError) as e:
+        print(f"mt-translate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _decoded(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
+    """Lines split on LF only (never on U+2028 or form feeds), UTF-8 checked with line numbers."""
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{number}: invalid UTF-8 ({e.reason})") from None
+
+
+def _remember(lines: Iterable[str], sink: List[str]) -> Iterator[str]:
+    for line in lines:
+        sink.append(line)
+        yield line
+
+
+def _prompted(inp) -> Iterator[bytes]:
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = inp.readline()
+        if not line:
+            return
+        yield line
+
+
+if __name__ == "__main__":
+    main()
