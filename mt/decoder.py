@@ -62,6 +62,7 @@ class RecurrentDecoder(nn.Module):
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.dropout = nn.Dropout(dropout)
         self.emb_size, self.att_size = emb_size, att_size
+        self.use_fused = True  # mt.fused.DecoderLoop for teacher forcing where it applies
 
     @property
     def parallel(self) -> bool:
@@ -156,6 +157,8 @@ class RecurrentDecoder(nn.Module):
             return self._forward_sampled(tgt_in, state, enc, tf_ratio)
         if self.parallel:
             return self._forward_parallel(tgt_in, state, enc)
+        if self.use_fused and self.layers == 1 and not torch.is_autocast_enabled(tgt_in.device.type):
+            return self._forward_fused(tgt_in, state, enc)
         gx = self.embed_inputs(tgt_in).unbind(1)  # T x (B x G): one large product for all steps
         w_feed = self.feed_weight()
         atts, weights = [], []
@@ -164,6 +167,36 @@ class RecurrentDecoder(nn.Module):
             atts.append(att)
             weights.append(w)
         return torch.stack(atts, dim=1), torch.stack(weights, dim=1)
+
+    def _forward_fused(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut):
+        """The same computation as the step loop, through mt.fused.DecoderLoop (hand-written
+        backward, weight gradients batched over all steps)."""
+        from mt.attention import AdditiveAttention
+        from mt.fused import DecoderLoop
+
+        gx = self.embed_inputs(tgt_in.t())  # T x B x G
+        empty = gx.new_empty(0)
+        additive = isinstance(self.attention, AdditiveAttention)
+        w_q = self.attention.query_layer.weight if additive else empty
+        v = self.attention.energy_layer.weight.view(-1) if additive else empty
+        c0 = state.cell[0] if state.cell is not None else empty
+        spec = (self.cell, self.style, additive)
+        rnn = self.rnn
+        if self.style == "bahdanau":
+            hidden, context, weights = DecoderLoop.apply(
+                spec, gx, state.hidden[0], c0, empty, enc.keys, enc.outputs, enc.bias, rnn.weight_hh_l0,
+                rnn.bias_hh_l0, self.feed_weight(), w_q, v, empty, empty, empty)
+            att = torch.tanh(self.att_layer(self.dropout(torch.cat([hidden, context], dim=2))))
+        else:
+            mask = empty
+            if self.training and self.dropout.p > 0:
+                width = self.hidden_size + enc.outputs.shape[2]
+                mask = torch.empty(gx.shape[0], gx.shape[1], width, device=gx.device, dtype=gx.dtype)
+                mask.bernoulli_(1 - self.dropout.p).div_(1 - self.dropout.p)
+            att, _, weights = DecoderLoop.apply(
+                spec, gx, state.hidden[0], c0, state.feed, enc.keys, enc.outputs, enc.bias, rnn.weight_hh_l0,
+                rnn.bias_hh_l0, self.feed_weight(), w_q, v, self.att_layer.weight, self.att_layer.bias, mask)
+        return att.transpose(0, 1), weights.transpose(0, 1)
 
     def _forward_parallel(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut):
         emb = self.emb_dropout(self.embedding(tgt_in))  # B x T x E

@@ -12,7 +12,7 @@ whose .hydra/overrides.yaml names the job's values):
     mt.log                      the log of every invocation
     data/                       prepared splits (Arrow) and stats.json         <- prepare
     tokenizer/                  spm.model (or src/tgt.model), ids/, stamp.json  <- tokenizer
-    checkpoints/{last,best}.pt  tb/, train.log                                 <- train
+    checkpoints/{last,best}.pt  metrics.jsonl, tb/ (TensorBoard)                <- train
     test.hyp                    detokenised translations of the test split      <- translate
     test.scores.json            BLEU / chrF / TER with sacreBLEU signatures    <- score
 
@@ -22,8 +22,8 @@ where the last one stopped. `force=true` redoes the selected stages.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -107,17 +107,24 @@ STAGE_FNS: Dict[str, Callable[[DictConfig, Path], Any]] = {
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
-    """Run the selected stages in pipeline order; returns each stage's result by name."""
+    """Run the selected stages in pipeline order; returns each stage's result by name.
+    Under torchrun, rank 0 alone runs the stages other than train, the others wait."""
+    from mt import distributed
+
     validate(cfg)
     run_dir = Path(run_dir)
-    setup_logging(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run %s: stages %s", run_dir, ",".join(cfg.stages))
+    ctx = distributed.init(cfg.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else distributed.Context()
+    setup_logging(run_dir if ctx.main else None, logging.INFO if ctx.main else logging.WARNING)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("run %s: stages %s", run_dir, ",".join(cfg.stages))
     results = {}
     for stage, fn in STAGE_FNS.items():
         if stage in cfg.stages:
-            results[stage] = fn(cfg, run_dir)
+            if stage == "train" or ctx.main:
+                results[stage] = fn(cfg, run_dir)
+            distributed.barrier(ctx)
     return results
 
 

@@ -1,0 +1,239 @@
+"""The decoder's training loop with a hand-written backward pass (the speed path).
+
+Autograd through a Python loop of T decoder steps records some forty small operations per step,
+and computes every weight gradient T times as a thin product (inner dimension = batch) that it
+then sums. Here the forward loop runs without recording and keeps what the backward pass needs;
+the backward loop propagates only what flows from step to step; and each weight gradient is then
+one large product over all T x batch rows, as cuDNN's RNN kernels do.
+
+Covered: one decoder layer, every cell, every attention, and both styles that need a loop
+(Bahdanau; Luong with input feeding). RecurrentDecoder.forward falls back to the autograd loop
+for anything else, and tests/test_fused.py checks outputs and every gradient against it.
+
+Shapes: T steps, B batch, H hidden, G = gates * H, S source length, C encoder size, A attention
+size (additive), D attentional vector size. Time-major stacks (T x B x ...) throughout.
+
+    bahdanau:  q = h W_q^T;  a = softmax(score(q, K) + bias);  c = a V;  gx = GX[t] + c W_f^T
+               h = cell(gx, h W_hh^T + b_hh)            -> outputs H (T x B x H), CTX (T x B x C), A
+    luong+if:  gx = GX[t] + f W_f^T;  h = cell(gx, h W_hh^T + b_hh);  a, c = attn(h)
+               f = tanh((m * [h; c]) W_o^T + b_o)       -> outputs F (T x B x D), A
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+# --- cells: forward keeps what backward needs ---------------------------------------------------
+
+def cell_forward(kind: str, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]):
+    """Returns h', c' and the saved tensors of one step."""
+    if kind == "gru":
+        n_h = h.shape[1]
+        rz = torch.sigmoid(gx[:, :2 * n_h] + gh[:, :2 * n_h])
+        r, z = rz[:, :n_h], rz[:, n_h:]
+        gh_n = gh[:, 2 * n_h:]
+        n = torch.tanh(torch.addcmul(gx[:, 2 * n_h:], r, gh_n))
+        h_new = torch.addcmul(n, z, h - n)
+        return h_new, None, (rz, n, gh_n, h)
+    if kind == "lstm":  # gate order i, f, g, o
+        pre = gx + gh
+        n_h = h.shape[1]
+        gates = torch.sigmoid(pre)
+        i, f, o = gates[:, :n_h], gates[:, n_h:2 * n_h], gates[:, 3 * n_h:]
+        g = torch.tanh(pre[:, 2 * n_h:3 * n_h])
+        c_new = torch.addcmul(f * c, i, g)
+        tc = torch.tanh(c_new)
+        return o * tc, c_new, (i, f, g, o, c, tc)
+    pre = gx + gh
+    h_new = torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+    return h_new, None, (h_new,)
+
+
+def cell_backward(kind: str, dh: Tensor, dc: Optional[Tensor], saved):
+    """Gradients of one step: (d gx, d gh, d h_prev through the cell's own path or None, d c_prev)."""
+    if kind == "gru":
+        rz, n, gh_n, h = saved
+        n_h = h.shape[1]
+        r, z = rz[:, :n_h], rz[:, n_h:]
+        dn = dh * (1 - z) * (1 - n * n)
+        dr = dn * gh_n * r * (1 - r)
+        dz = dh * (h - n) * z * (1 - z)
+        dgx = torch.cat([dr, dz, dn], dim=1)
+        dgh = torch.cat([dr, dz, dn * r], dim=1)
+        return dgx, dgh, dh * z, None
+    if kind == "lstm":
+        i, f, g, o, c, tc = saved
+        dc = dc + dh * o * (1 - tc * tc)
+        dpre = torch.cat([dc * g * i * (1 - i), dc * c * f * (1 - f), dc * i * (1 - g * g),
+                          dh * tc * o * (1 - o)], dim=1)
+        return dpre, dpre, None, dc * f
+    (h_new,) = saved
+    dpre = dh * (1 - h_new * h_new) if kind == "rnn_tanh" else dh * (h_new > 0)
+    return dpre, dpre, None, None
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+def attn_forward(additive: bool, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, v: Optional[Tensor]):
+    """q: B x A (additive: the projected query) or B x H; returns context, weights, saved energy."""
+    if additive:
+        energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
+        scores = torch.matmul(energy, v) + bias  # B x S
+    else:
+        energy = None
+        scores = torch.baddbmm(bias.unsqueeze(1), q.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
+    a = torch.softmax(scores, dim=1)
+    ctx = torch.bmm(a.unsqueeze(1), values).squeeze(1)  # B x C
+    return ctx, a, energy
+
+
+def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: Tensor, q: Tensor, keys: Tensor,
+                  values: Tensor, energy: Optional[Tensor], v: Optional[Tensor], dkeys: Tensor, dvalues: Tensor):
+    """Accumulates into dkeys / dvalues; returns (d q, d scores)."""
+    da = torch.bmm(values, dctx.unsqueeze(2)).squeeze(2)  # B x S
+    if da_extra is not None:
+        da = da + da_extra
+    dvalues.baddbmm_(a.unsqueeze(2), dctx.unsqueeze(1))  # += a^T dctx per sentence
+    ds = a * (da - (a * da).sum(dim=1, keepdim=True))
+    if additive:
+        dpre = ds.unsqueeze(2) * v * (1 - energy * energy)  # B x S x A
+        dkeys.add_(dpre)
+        return dpre.sum(dim=1), ds
+    dkeys.baddbmm_(ds.unsqueeze(2), q.unsqueeze(1))
+    return torch.bmm(ds.unsqueeze(1), keys).squeeze(1), ds
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+class DecoderLoop(torch.autograd.Function):
+    """See the module docstring. `spec` = (cell, style, additive); unused tensors are empty."""
+
+    @staticmethod
+    def forward(ctx, spec, gx_emb, h0, c0, feed0, keys, values, bias, w_hh, b_hh, w_f, w_q, v, w_o, b_o, mask):
+        cell, style, additive = spec
+        steps, n_h = gx_emb.shape[0], h0.shape[1]
+        lstm, luong = cell == "lstm", style == "luong"
+        # one product per step for everything that reads h_prev (bahdanau + additive: the query too)
+        fuse_q = additive and not luong
+        w1 = torch.cat([w_hh, w_q]) if fuse_q else w_hh
+        b1 = torch.cat([b_hh, b_hh.new_zeros(w_q.shape[0])]) if fuse_q else b_hh
+        h, c, feed = h0, (c0 if lstm else None), feed0
+        hs, cs, ctxs, attns, feeds, cells, energies, queries, units = [], [], [], [], [], [], [], [], []
+        for t in range(steps):
+            g1 = torch.addmm(b1, h, w1.t())
+            gh = g1[:, :w_hh.shape[0]]
+            if not luong:
+                q = g1[:, w_hh.shape[0]:] if additive else h
+                context, a, energy = attn_forward(additive, q, keys, values, bias, v)
+                gx = torch.addmm(gx_emb[t], context, w_f.t())
+            else:
+                gx = torch.addmm(gx_emb[t], feed, w_f.t())
+            h_new, c_new, saved = cell_forward(cell, gx, gh, h, c)
+            if luong:
+                q = torch.mm(h_new, w_q.t()) if additive else h_new
+                context, a, energy = attn_forward(additive, q, keys, values, bias, v)
+                unit = torch.cat([h_new, context], dim=1)
+                if mask.numel():
+                    unit = unit * mask[t]
+                feeds.append(feed)
+                feed = torch.tanh(torch.addmm(b_o, unit, w_o.t()))
+                units.append(unit)
+                ctxs.append(feed)  # the output of a luong step is its attentional vector
+            else:
+                ctxs.append(context)
+            hs.append(h)
+            cells.append(saved)
+            energies.append(energy)
+            queries.append(q)
+            attns.append(a)
+            h, c = h_new, c_new
+        hs.append(h)
+        H = torch.stack(hs)  # (T+1) x B x H: h_0 .. h_T
+        A = torch.stack(attns)
+        out = torch.stack(ctxs)  # bahdanau: contexts; luong: attentional vectors
+        ctx.spec = spec
+        ctx.cells, ctx.energies, ctx.queries = cells, energies, queries
+        ctx.save_for_backward(H, A, out, keys, values, w_hh, w_f, w_q, v, w_o, mask,
+                              torch.stack(feeds) if luong else out.new_empty(0),
+                              torch.stack(units) if luong else out.new_empty(0))
+        if luong:
+            return out, out.new_empty(0), A
+        return H[1:], out, A
+
+    @staticmethod
+    def backward(ctx, d_first, d_second, d_attn):
+        cell, style, additive = ctx.spec
+        H, A, out, keys, values, w_hh, w_f, w_q, v, w_o, mask, feeds, units = ctx.saved_tensors
+        luong, lstm = style == "luong", cell == "lstm"
+        steps = A.shape[0]
+        dkeys, dvalues = torch.zeros_like(keys), torch.zeros_like(values)
+        dh = torch.zeros_like(H[0])
+        dc = torch.zeros_like(H[0]) if lstm else None
+        dfeed = torch.zeros_like(feeds[0]) if luong else None
+        w1 = torch.cat([w_hh, w_q]) if additive and not luong else None
+        dgx_all = torch.empty(steps, H.shape[1], w_hh.shape[0], dtype=H.dtype, device=H.device)
+        dgh_all = torch.empty_like(dgx_all)
+        dq_all: List[Tensor] = []
+        dpo_all: List[Tensor] = []
+        ds_all: List[Tensor] = []
+        for t in reversed(range(steps)):
+            saved, energy, q = ctx.cells[t], ctx.energies[t], ctx.queries[t]
+            da_extra = d_attn[t] if d_attn is not None else None
+            if luong:
+                dfo = dfeed + (d_first[t] if d_first is not None else 0)
+                dpo = dfo * (1 - out[t] * out[t])  # through tanh
+                dpo_all.append(dpo)
+                dunit = torch.mm(dpo, w_o)
+                if mask.numel():
+                    dunit = dunit * mask[t]
+                n_h = H.shape[2]
+                dh_top, dctx = dunit[:, :n_h], dunit[:, n_h:]
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
+                dh_new = dh + dh_top + (torch.mm(dq, w_q) if additive else dq)
+                if additive:
+                    dq_all.append(dq)
+                ds_all.append(ds)
+                dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
+                dfeed = torch.mm(dgx, w_f)
+                dh = torch.mm(dgh, w_hh) if dh_cell is None else torch.addmm(dh_cell, dgh, w_hh)
+            else:
+                dh_new = dh + (d_first[t] if d_first is not None else 0)
+                dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
+                dctx = torch.mm(dgx, w_f) + (d_second[t] if d_second is not None else 0)
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
+                ds_all.append(ds)
+                if additive:
+                    dq_all.append(dq)
+                    dh = torch.mm(torch.cat([dgh, dq], dim=1), w1)
+                else:
+                    dh = torch.mm(dgh, w_hh) + dq
+                if dh_cell is not None:
+                    dh = dh + dh_cell
+            dgx_all[t], dgh_all[t] = dgx, dgh
+        # weight gradients: one large product each over all T*B rows
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        h_prev = H[:-1]
+        d_w_hh = torch.mm(flat(dgh_all).t(), flat(h_prev))
+        d_b_hh = flat(dgh_all).sum(0)
+        fed = feeds if luong else out  # what W_f multiplied
+        d_w_f = torch.mm(flat(dgx_all).t(), flat(fed))
+        d_w_q = d_v = d_w_o = d_b_o = None
+        if additive:
+            dq_stack = torch.stack(dq_all[::-1])
+            d_w_q = torch.mm(flat(dq_stack).t(), flat(H[1:] if luong else h_prev))
+            ds_stack = torch.stack(ds_all[::-1])  # T x B x S
+            energy = torch.stack(ctx.energies)  # T x B x S x A
+            d_v = torch.einsum("tbs,tbsa->a", ds_stack, energy)
+        if luong:
+            dpo = torch.stack(dpo_all[::-1])
+            d_w_o = torch.mm(flat(dpo).t(), flat(units))
+            d_b_o = flat(dpo).sum(0)
+        d_h0 = dh
+        d_c0 = dc if lstm else None
+        d_feed0 = dfeed if luong else None
+        ctx.cells = ctx.energies = ctx.queries = None
+        return (None, dgx_all, d_h0, d_c0, d_feed0, dkeys, dvalues, None, d_w_hh, d_b_hh, d_w_f,
+                d_w_q, d_v, d_w_o, d_b_o, None)
