@@ -117,7 +117,9 @@ class TrainConfig:
     tf_schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
     tf_min: float = 0.0
     tf_decay_steps: int = 10000
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 autocast where it is faster (CUDA with bf16; CPUs whose bf16 matrix products
+    # measure at least 1.5x float32, e.g. with AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     compile: bool = False  # torch.compile the decoder step

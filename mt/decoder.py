@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mt.attention import build_attention
 from mt.encoder import EncoderOut, make_rnn
+from mt.fused import Dropout
 
 GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
 
@@ -59,8 +60,8 @@ class RecurrentDecoder(nn.Module):
         self.output_layer = nn.Linear(att_size, vocab_size)
         self.bridge_h = nn.Linear(enc_size, layers * hidden) if bridge else None
         self.bridge_c = nn.Linear(enc_size, layers * hidden) if bridge and cell == "lstm" else None
-        self.emb_dropout = nn.Dropout(emb_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(emb_dropout)
+        self.dropout = Dropout(dropout)
         self.emb_size, self.att_size = emb_size, att_size
         self.use_fused = True  # mt.fused.DecoderLoop for teacher forcing where it applies
 
@@ -157,7 +158,7 @@ class RecurrentDecoder(nn.Module):
             return self._forward_sampled(tgt_in, state, enc, tf_ratio)
         if self.parallel:
             return self._forward_parallel(tgt_in, state, enc)
-        if self.use_fused and self.layers == 1 and not torch.is_autocast_enabled(tgt_in.device.type):
+        if self.use_fused and self.layers == 1:
             return self._forward_fused(tgt_in, state, enc)
         gx = self.embed_inputs(tgt_in).unbind(1)  # T x (B x G): one large product for all steps
         w_feed = self.feed_weight()
@@ -180,7 +181,9 @@ class RecurrentDecoder(nn.Module):
         w_q = self.attention.query_layer.weight if additive else empty
         v = self.attention.energy_layer.weight.view(-1) if additive else empty
         c0 = state.cell[0] if state.cell is not None else empty
-        spec = (self.cell, self.style, additive)
+        device = tgt_in.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.rnn.weight_hh_l0.dtype
+        spec = (self.cell, self.style, additive, compute)
         rnn = self.rnn
         if self.style == "bahdanau":
             hidden, context, weights = DecoderLoop.apply(

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from mt.fused import Dropout
+
 
 def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: float,
              bidirectional: bool = False) -> nn.RNNBase:
@@ -53,8 +55,8 @@ class RecurrentEncoder(nn.Module):
         self.embedding = embedding
         self.cell = cell
         self.rnn = make_rnn(cell, embedding.embedding_dim, hidden, layers, dropout, bidirectional)
-        self.emb_dropout = nn.Dropout(emb_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(emb_dropout)
+        self.dropout = Dropout(dropout)
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden * self.directions
 

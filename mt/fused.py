@@ -26,6 +26,28 @@ import torch
 from torch import Tensor
 
 
+# --- matrix products in the compute dtype (bf16 under autocast), everything else in float32 -----
+
+def _mm(a: Tensor, w: Tensor) -> Tensor:
+    """a @ w with w already in the compute dtype; the result in a's dtype."""
+    if w.dtype == a.dtype:
+        return torch.mm(a, w)
+    return torch.mm(a.to(w.dtype), w).to(a.dtype)
+
+
+def _addmm(bias: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    if w.dtype == a.dtype:
+        return torch.addmm(bias, a, w)
+    return torch.mm(a.to(w.dtype), w).to(a.dtype).add_(bias)
+
+
+def _wgrad(d: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """d^T x over all rows (a weight gradient), in the compute dtype; result in d's dtype."""
+    if dtype == d.dtype:
+        return torch.mm(d.t(), x)
+    return torch.mm(d.t().to(dtype), x.to(dtype)).to(d.dtype)
+
+
 # --- cells: forward keeps what backward needs ---------------------------------------------------
 
 def cell_forward(kind: str, gx: Tensor, gh: Tensor, h: Tensor, c: Optional[Tensor]):
@@ -113,33 +135,45 @@ class DecoderLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, gx_emb, h0, c0, feed0, keys, values, bias, w_hh, b_hh, w_f, w_q, v, w_o, b_o, mask):
-        cell, style, additive = spec
+        cell, style, additive, cdt = spec
+        wdt = w_hh.dtype  # states and elementwise work stay in the parameters' dtype
+        with torch.autocast(gx_emb.device.type, enabled=False):
+            return DecoderLoop._forward(ctx, cell, style, additive, cdt, gx_emb.to(wdt), h0.to(wdt), c0.to(wdt),
+                                        feed0.to(wdt), keys.to(wdt), values.to(wdt), bias.to(wdt),
+                                        w_hh, b_hh, w_f, w_q, v, w_o, b_o, mask)
+
+    @staticmethod
+    def _forward(ctx, cell, style, additive, cdt, gx_emb, h0, c0, feed0, keys, values, bias, w_hh, b_hh, w_f,
+                 w_q, v, w_o, b_o, mask):
         steps, n_h = gx_emb.shape[0], h0.shape[1]
         lstm, luong = cell == "lstm", style == "luong"
         # one product per step for everything that reads h_prev (bahdanau + additive: the query too)
         fuse_q = additive and not luong
         w1 = torch.cat([w_hh, w_q]) if fuse_q else w_hh
         b1 = torch.cat([b_hh, b_hh.new_zeros(w_q.shape[0])]) if fuse_q else b_hh
+        w1_t, w_f_t = w1.to(cdt).t(), w_f.to(cdt).t()
+        w_q_t = w_q.to(cdt).t() if additive else None
+        w_o_t = w_o.to(cdt).t() if luong else None
         h, c, feed = h0, (c0 if lstm else None), feed0
         hs, cs, ctxs, attns, feeds, cells, energies, queries, units = [], [], [], [], [], [], [], [], []
         for t in range(steps):
-            g1 = torch.addmm(b1, h, w1.t())
+            g1 = _addmm(b1, h, w1_t)
             gh = g1[:, :w_hh.shape[0]]
             if not luong:
                 q = g1[:, w_hh.shape[0]:] if additive else h
                 context, a, energy = attn_forward(additive, q, keys, values, bias, v)
-                gx = torch.addmm(gx_emb[t], context, w_f.t())
+                gx = _addmm(gx_emb[t], context, w_f_t)
             else:
-                gx = torch.addmm(gx_emb[t], feed, w_f.t())
+                gx = _addmm(gx_emb[t], feed, w_f_t)
             h_new, c_new, saved = cell_forward(cell, gx, gh, h, c)
             if luong:
-                q = torch.mm(h_new, w_q.t()) if additive else h_new
+                q = _mm(h_new, w_q_t) if additive else h_new
                 context, a, energy = attn_forward(additive, q, keys, values, bias, v)
                 unit = torch.cat([h_new, context], dim=1)
                 if mask.numel():
                     unit = unit * mask[t]
                 feeds.append(feed)
-                feed = torch.tanh(torch.addmm(b_o, unit, w_o.t()))
+                feed = torch.tanh(_addmm(b_o, unit, w_o_t))
                 units.append(unit)
                 ctxs.append(feed)  # the output of a luong step is its attentional vector
             else:
@@ -154,7 +188,7 @@ class DecoderLoop(torch.autograd.Function):
         H = torch.stack(hs)  # (T+1) x B x H: h_0 .. h_T
         A = torch.stack(attns)
         out = torch.stack(ctxs)  # bahdanau: contexts; luong: attentional vectors
-        ctx.spec = spec
+        ctx.spec = (cell, style, additive, cdt)
         ctx.cells, ctx.energies, ctx.queries = cells, energies, queries
         ctx.save_for_backward(H, A, out, keys, values, w_hh, w_f, w_q, v, w_o, mask,
                               torch.stack(feeds) if luong else out.new_empty(0),
@@ -165,8 +199,20 @@ class DecoderLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_first, d_second, d_attn):
-        cell, style, additive = ctx.spec
-        H, A, out, keys, values, w_hh, w_f, w_q, v, w_o, mask, feeds, units = ctx.saved_tensors
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return DecoderLoop._backward(ctx, d_first, d_second, d_attn)
+
+    @staticmethod
+    def _backward(ctx, d_first, d_second, d_attn):
+        cell, style, additive, cdt = ctx.spec
+        H, A, out, keys, values, w_hh32, w_f32, w_q32, v, w_o32, mask, feeds, units = ctx.saved_tensors
+        wdt = w_hh32.dtype
+        d_first = d_first.to(wdt) if d_first is not None else None
+        d_second = d_second.to(wdt) if d_second is not None and d_second.numel() else None
+        d_attn = d_attn.to(wdt) if d_attn is not None else None
+        w_hh, w_f = w_hh32.to(cdt), w_f32.to(cdt)
+        w_q = w_q32.to(cdt) if additive else w_q32
+        w_o = w_o32.to(cdt) if style == "luong" else w_o32
         luong, lstm = style == "luong", cell == "lstm"
         steps = A.shape[0]
         dkeys, dvalues = torch.zeros_like(keys), torch.zeros_like(values)
@@ -186,50 +232,50 @@ class DecoderLoop(torch.autograd.Function):
                 dfo = dfeed + (d_first[t] if d_first is not None else 0)
                 dpo = dfo * (1 - out[t] * out[t])  # through tanh
                 dpo_all.append(dpo)
-                dunit = torch.mm(dpo, w_o)
+                dunit = _mm(dpo, w_o)
                 if mask.numel():
                     dunit = dunit * mask[t]
                 n_h = H.shape[2]
                 dh_top, dctx = dunit[:, :n_h], dunit[:, n_h:]
                 dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
-                dh_new = dh + dh_top + (torch.mm(dq, w_q) if additive else dq)
+                dh_new = dh + dh_top + (_mm(dq, w_q) if additive else dq)
                 if additive:
                     dq_all.append(dq)
                 ds_all.append(ds)
                 dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
-                dfeed = torch.mm(dgx, w_f)
-                dh = torch.mm(dgh, w_hh) if dh_cell is None else torch.addmm(dh_cell, dgh, w_hh)
+                dfeed = _mm(dgx, w_f)
+                dh = _mm(dgh, w_hh) if dh_cell is None else _addmm(dh_cell, dgh, w_hh)
             else:
                 dh_new = dh + (d_first[t] if d_first is not None else 0)
                 dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
-                dctx = torch.mm(dgx, w_f) + (d_second[t] if d_second is not None else 0)
+                dctx = _mm(dgx, w_f) + (d_second[t] if d_second is not None else 0)
                 dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
                 ds_all.append(ds)
                 if additive:
                     dq_all.append(dq)
-                    dh = torch.mm(torch.cat([dgh, dq], dim=1), w1)
+                    dh = _mm(torch.cat([dgh, dq], dim=1), w1)
                 else:
-                    dh = torch.mm(dgh, w_hh) + dq
+                    dh = _mm(dgh, w_hh) + dq
                 if dh_cell is not None:
                     dh = dh + dh_cell
             dgx_all[t], dgh_all[t] = dgx, dgh
         # weight gradients: one large product each over all T*B rows
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
         h_prev = H[:-1]
-        d_w_hh = torch.mm(flat(dgh_all).t(), flat(h_prev))
+        d_w_hh = _wgrad(flat(dgh_all), flat(h_prev), cdt)
         d_b_hh = flat(dgh_all).sum(0)
         fed = feeds if luong else out  # what W_f multiplied
-        d_w_f = torch.mm(flat(dgx_all).t(), flat(fed))
+        d_w_f = _wgrad(flat(dgx_all), flat(fed), cdt)
         d_w_q = d_v = d_w_o = d_b_o = None
         if additive:
             dq_stack = torch.stack(dq_all[::-1])
-            d_w_q = torch.mm(flat(dq_stack).t(), flat(H[1:] if luong else h_prev))
+            d_w_q = _wgrad(flat(dq_stack), flat(H[1:] if luong else h_prev), cdt)
             ds_stack = torch.stack(ds_all[::-1])  # T x B x S
             energy = torch.stack(ctx.energies)  # T x B x S x A
             d_v = torch.einsum("tbs,tbsa->a", ds_stack, energy)
         if luong:
             dpo = torch.stack(dpo_all[::-1])
-            d_w_o = torch.mm(flat(dpo).t(), flat(units))
+            d_w_o = _wgrad(flat(dpo), flat(units), cdt)
             d_b_o = flat(dpo).sum(0)
         d_h0 = dh
         d_c0 = dc if lstm else None
@@ -237,3 +283,63 @@ class DecoderLoop(torch.autograd.Function):
         ctx.cells = ctx.energies = ctx.queries = None
         return (None, dgx_all, d_h0, d_c0, d_feed0, dkeys, dvalues, None, d_w_hh, d_b_hh, d_w_f,
                 d_w_q, d_v, d_w_o, d_b_o, None)
+
+
+# --- the loss over the vocabulary ---------------------------------------------------------------
+
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of label-smoothed cross-entropy from logits (N x V), and the plain NLL sum.
+
+    loss_i = (1 - eps) * (lse_i - z_i[t_i]) + eps * (lse_i - mean_j z_ij),  lse = logsumexp(z_i)
+    d loss / d z = softmax(z) - (1 - eps) * onehot(t) - eps / V: one pass over N x V, where
+    log_softmax + gather + mean under autograd make five (PyTorch's label smoothing spreads eps
+    over all V classes the same way)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, eps: float):
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=1)
+        nll = lse - z.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = (1 - eps) * nll.sum() + eps * (lse - z.mean(dim=1)).sum() if eps > 0 else nll.sum()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.eps = eps
+        return loss, nll.sum()
+
+    @staticmethod
+    def backward(ctx, d_loss, d_nll):
+        logits, target, lse = ctx.saved_tensors
+        eps = ctx.eps
+        grad = torch.exp(logits.float() - lse.unsqueeze(1))  # softmax
+        if eps > 0:
+            grad.sub_(eps / logits.shape[1])
+        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((target.shape[0], 1), -(1 - eps)))
+        return grad.mul_(d_loss).to(logits.dtype), None, None
+
+
+# --- dropout with 8x fewer random draws (CPU) ---------------------------------------------------
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float):
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+        threshold = max(1, round((1 - p) * 256))  # keep probability in steps of 1/256
+        keep = words.view(torch.uint8)[:n].view(x.shape) < threshold
+        ctx.save_for_backward(keep)
+        ctx.scale = 256.0 / threshold
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class Dropout(torch.nn.Dropout):
+    """nn.Dropout, but on the CPU each random 64-bit word masks eight elements: drawing random
+    numbers is most of dropout's cost there (the keep probability is rounded to 1/256)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return _Dropout.apply(x, self.p)

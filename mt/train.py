@@ -32,6 +32,7 @@ from mt import checkpoint as ckpt_io
 from mt import distributed
 from mt.batches import collate, epoch_batches, eval_batches, n_target_tokens
 from mt.config import to_container
+from mt.fused import SmoothedCrossEntropy
 from mt.model import Seq2Seq, build_model, count_parameters
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
 
@@ -102,11 +103,23 @@ class LossModel(nn.Module):
         """Returns [smoothed loss sum, NLL sum] over the target tokens (padding excluded)."""
         att, _ = self.model(src, src_len, tgt_in, tf_ratio)  # B x T x D
         mask = tgt_out != PAD_ID
-        logp = F.log_softmax(self.model.logits(att[mask]).float(), dim=-1)  # N x V: no padding rows
-        nll = -logp.gather(1, tgt_out[mask].unsqueeze(1)).sum()
-        eps = self.label_smoothing
-        loss = (1.0 - eps) * nll - eps * logp.mean(dim=-1).sum() if eps > 0 else nll
+        logits = self.model.logits(att[mask])  # N x V: the output layer never sees padding
+        loss, nll = SmoothedCrossEntropy.apply(logits, tgt_out[mask], self.label_smoothing)
         return torch.stack([loss, nll.detach()])
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 where bf16 matrix products are faster than float32, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    from mt.bench import matmul_peak
+
+    fp32, bf16 = matmul_peak("float32", 0.2, 512), matmul_peak("bfloat16", 0.2, 512)
+    choice = "bf16" if bf16 >= 1.5 * fp32 else "fp32"
+    log.info("train.precision=auto: %s (bf16 matmul %.0f GFLOP/s, float32 %.0f)", choice, bf16, fp32)
+    return choice
 
 
 def autocast(device: torch.device, precision: str):
@@ -209,6 +222,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     if tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    precision = resolve_precision(tcfg.precision, device)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if cfg.force and ctx.main and ckpt_dir.exists():
@@ -228,7 +242,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     optimizer = opt_class(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
                           fused=True)
     schedule = LRSchedule(tcfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     progress: Dict[str, Any] = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "tokens": 0,
                                 "best": None, "best_step": None, "bad_validations": 0}
     model_cfg, tokenizer_info = to_container(cfg.model), {
@@ -274,7 +288,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     def run_validation() -> None:
         t0, result = time.perf_counter(), None
         if ctx.main:
-            result = validate(model, valid_corpus, valid_refs, tok, device, tcfg.precision, tcfg.valid_max_sentences)
+            result = validate(model, valid_corpus, valid_refs, tok, device, precision, tcfg.valid_max_sentences)
         result = distributed.broadcast_object(ctx, result)
         value = result[tcfg.valid_metric]
         better = improved(tcfg.valid_metric, value, progress["best"])
@@ -325,7 +339,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                     b = collate(train_corpus, idx, device)
                     sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
                     with sync:
-                        with autocast(device, tcfg.precision):
+                        with autocast(device, precision):
                             out = step_fn(b.src, b.src_len, b.tgt_in, b.tgt_out, tf)
                         scaler.scale(out[0] * (ctx.world / update_tokens)).backward()
                     sums += out.detach().float()

@@ -57,7 +57,26 @@ class Translator:
     def __init__(self, model: Seq2Seq, tok: Tokenizer, decode: Any, device: torch.device, max_train_len: int = 0):
         self.model, self.tok, self.decode, self.device = model.eval(), tok, decode, device
         self.max_train_len = max_train_len
-        self.warned = 0
+        self.min_len = 0  # > 0 blocks EOS before that many tokens (benchmarks: fixed-length output)
+        self.run_dir: Optional[Path] = None  # the run the model came from (for the shortlist's data)
+        self.shortlist = None
+        self.bf16 = False
+
+    def quantize(self) -> None:
+        """int8 dynamic quantization (CPU): see mt/inference.py."""
+        from mt.inference import quantize_int8
+
+        if self.device.type != "cpu":
+            raise ValueError("--int8 is for CPU inference")
+        quantize_int8(self.model)
+
+    def set_shortlist(self, size: int) -> None:
+        from mt.inference import Shortlist
+
+        ids = self.run_dir / "tokenizer" / "ids" if self.run_dir else None
+        if ids is None or not (ids / "train.src.bin").is_file():
+            raise ValueError("--shortlist needs the model's run directory (it reads the training data's ids)")
+        self.shortlist = Shortlist.build(ids, size, self.tok.src_vocab_size, self.tok.tgt_vocab_size)
 
     @classmethod
     def from_path(cls, path: Path, device: str = "auto", **overrides: Any) -> "Translator":
@@ -78,7 +97,9 @@ class Translator:
             if value is not None:
                 decode[key] = value
         log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
-        return cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
+        translator = cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
+        translator.run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+        return translator
 
     @torch.no_grad()
     def translate_batch(self, lines: Sequence[str], first_line: int = 1) -> List[Result]:
@@ -108,13 +129,28 @@ class Translator:
         return [r for r in results if r is not None]
 
     def _search(self, src: torch.Tensor, src_len: torch.Tensor) -> List[List[Hypothesis]]:
-        d = self.decode
-        if d.method == "greedy" or (d.method == "beam" and d.beam_size == 1 and d.n_best == 1):
-            return greedy_search(self.model, src, src_len, d.max_len_a, d.max_len_b)
-        if d.method == "beam":
-            return beam_search(self.model, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best)
-        return sample_search(self.model, src, src_len, d.max_len_a, d.max_len_b, temperature=d.temperature,
-                             top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
+        from contextlib import nullcontext
+
+        from mt.inference import ShortlistModel
+
+        d, model, ids = self.decode, self.model, None
+        if self.shortlist is not None:
+            ids = self.shortlist.for_batch(src)
+            model = ShortlistModel(self.model, ids)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext():
+            if d.method == "greedy" or (d.method == "beam" and d.beam_size == 1 and d.n_best == 1):
+                hyps = greedy_search(model, src, src_len, d.max_len_a, d.max_len_b, self.min_len)
+            elif d.method == "beam":
+                hyps = beam_search(model, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best,
+                                   self.min_len)
+            else:
+                hyps = sample_search(model, src, src_len, d.max_len_a, d.max_len_b, temperature=d.temperature,
+                                     top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
+        if ids is not None:  # shortlist indices -> vocabulary ids
+            for sentence in hyps:
+                for h in sentence:
+                    h.tokens = ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if h.tokens else []
+        return hyps
 
     def translate_lines(self, lines: Iterable[str], buffer: int = 0) -> Iterator[str]:
         """Best translation of each line, streamed in buffers of `buffer` lines."""
@@ -190,6 +226,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="sentences per batch")
     p.add_argument("--buffer-size", type=int, default=0, help="lines read before translating (default 4 batches)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU; small BLEU cost)")
+    p.add_argument("--bf16", action="store_true", help="bf16 matrix products (autocast; small BLEU cost)")
+    p.add_argument("--shortlist", type=int, default=0, metavar="N",
+                   help="score only the N most frequent target pieces plus likely translations of the "
+                        "batch's source pieces (needs the run directory; small BLEU cost)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p.parse_args(argv)
 
@@ -227,6 +268,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         if (args.n_best or 1) > (args.beam or args.n_best or 1) and not args.sample:
             raise ValueError("--n-best cannot exceed --beam")
         translator = Translator.from_path(Path(args.model), args.device, **overrides)
+        if args.int8:
+            translator.quantize()
+        if args.shortlist:
+            translator.set_shortlist(args.shortlist)
+        translator.bf16 = args.bf16
         name = args.input or "stdin"
         inp = open(args.input, "rb") if args.input else sys.stdin.buffer
         out = open(args.output, "w", encoding="utf-8") if args.output else \

@@ -33,10 +33,10 @@ def params(path):
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     """N steps straight == N/2 steps, stop, resume for N/2 (dropout on, epoch boundary crossed)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(tiny_cfg(**FAST, **{"train.max_steps": 24}), straight)
-    run(tiny_cfg(**FAST, **{"train.max_steps": 12}), resumed)
+    run(tiny_cfg(**{**FAST, "train.max_steps": 24}), straight)
+    run(tiny_cfg(**{**FAST, "train.max_steps": 12}), resumed)
     assert ckpt_io.load(resumed / "checkpoints" / "last.pt")["step"] == 12
-    out = run(tiny_cfg(**FAST, **{"train.max_steps": 24}), resumed)
+    out = run(tiny_cfg(**{**FAST, "train.max_steps": 24}), resumed)
     assert out["train"]["epoch"] >= 1, "the test must cross an epoch boundary"
     a, b = params(straight / "checkpoints" / "last.pt"), params(resumed / "checkpoints" / "last.pt")
     for k in a:
@@ -92,12 +92,12 @@ def test_loading_never_runs_pickled_code(tmp_path):
 
 
 def test_checkpoint_with_other_architecture_or_vocabulary_is_refused(tiny_cfg, tmp_path):
-    run(tiny_cfg(**FAST, **{"train.max_steps": 2}), tmp_path)
+    run(tiny_cfg(**{**FAST, "train.max_steps": 2}), tmp_path)
     with pytest.raises(ckpt_io.CheckpointError, match=r"model.dec_hidden=32 \(config: 48\)"):
-        run(tiny_cfg(**FAST, **{"train.max_steps": 4, "model.dec_hidden": 48}), tmp_path)
+        run(tiny_cfg(**{**FAST, "train.max_steps": 4, "model.dec_hidden": 48}), tmp_path)
     with pytest.raises(ckpt_io.CheckpointError, match="another vocabulary"):
-        run(tiny_cfg(**FAST, **{"train.max_steps": 4, "tokenizer.vocab_size": 450}), tmp_path)
-    out = run(tiny_cfg(**FAST, **{"train.max_steps": 4, "model.dropout": 0.5}), tmp_path)  # not architecture
+        run(tiny_cfg(**{**FAST, "train.max_steps": 4, "tokenizer.vocab_size": 450}), tmp_path)
+    out = run(tiny_cfg(**{**FAST, "train.max_steps": 4, "model.dropout": 0.5}), tmp_path)  # not architecture
     assert out["train"]["step"] == 4
 
 

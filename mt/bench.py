@@ -1,0 +1,216 @@
+"""`mt-bench`: training and decoding throughput, memory and the fraction of the machine's peak.
+
+    mt-bench                                   # reference model (bench_gru) on built-in Multi30k
+    mt-bench --model bench_lstm --threads 2 --out bench.json
+    mt-bench --phases train --train-steps 300  # one phase, longer
+    mt-bench --int8 --shortlist 1000           # also time the CPU inference options
+
+Each phase runs in its own process, so its peak resident memory is its own. The figures are
+printed one per line (`name value`) and written together as JSON (--out). Decoding can force a
+fixed output length (--fixed-len, default 20: EOS blocked before, forced at it), so an untrained
+model does the same work as a trained one, and as the peer toolkits in ../shared/bench/peers do.
+This is a benchmark, not a test: the machine's speed drifts, so compare within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+DEFAULT_DIR = Path("runs") / ".bench"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def matmul_peak(dtype_name: str, seconds: float = 1.0, n: int = 1024) -> float:
+    """GFLOP/s of a square matrix product, the best of several timed rounds."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def prepare(args) -> Path:
+    """Data and tokenizer stages of a benchmark run dir (cached between runs)."""
+    from mt.config import compose_config
+    from mt.pipeline import run, setup_logging
+
+    cfg = compose_config([f"data.path={args.corpus}", f"data.src_lang={args.src}", f"data.tgt_lang={args.tgt}",
+                          f"tokenizer.vocab_size={args.vocab}", "stages=[prepare,tokenizer]", "device=cpu"])
+    run_dir = Path(args.dir) / f"{Path(args.corpus.replace('builtin:', '')).name}_{args.src}{args.tgt}_{args.vocab}"
+    run(cfg, run_dir)
+    setup_logging(None)
+    return run_dir
+
+
+def _model(args, run_dir: Path):
+    import torch
+
+    from mt.config import compose_config
+    from mt.model import build_model
+    from mt.tokenizer import Tokenizer
+
+    cfg = compose_config([f"model={args.model}"])
+    tok = Tokenizer.from_dir(run_dir / "tokenizer")
+    return cfg, tok, build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
+
+
+def phase_train(args, run_dir: Path) -> Dict[str, float]:
+    import torch
+
+    from mt.batches import collate, epoch_batches
+    from mt.config import compose_config
+    from mt.fused import SmoothedCrossEntropy  # noqa: F401  (the loss the trainer uses)
+    from mt.model import flops_per_target_token
+    from mt.tokenizer import IdCorpus
+    from mt.train import LossModel
+
+    cfg, tok, model = _model(args, run_dir)
+    tcfg = compose_config([f"train.batch_size={args.batch_size}"]).train
+    corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
+    batches = epoch_batches(corpus, tcfg, seed=1, epoch=0)
+    loss_model = LossModel(model, 0.1).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    tokens, steps = 0, args.warmup + args.train_steps
+    for i in range(steps):
+        if i == args.warmup:
+            t0, tokens = time.perf_counter(), 0
+        b = collate(corpus, batches[i % len(batches)], torch.device("cpu"))
+        out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
+        (out[0] / b.n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += b.n_tokens
+    dt = time.perf_counter() - t0
+    src_per_tgt = float(corpus.lengths["src"].sum() / corpus.lengths["tgt"].sum())
+    flops = flops_per_target_token(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, src_per_tgt,
+                                   float(corpus.lengths["src"].mean() + 1))
+    return {"train.target_tokens_per_s": tokens / dt, "train.steps_per_s": args.train_steps / dt,
+            "train.flops_per_target_token": flops, "train.gflops": tokens / dt * flops / 1e9,
+            "train.peak_rss_mb": peak_rss_mb()}
+
+
+def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]:
+    import torch
+
+    from mt.data import load_split
+    from mt.translate import Translator
+
+    cfg, tok, model = _model(args, run_dir)
+    if args.checkpoint:
+        from mt import checkpoint as ckpt_io
+        model.load_state_dict(ckpt_io.load(Path(args.checkpoint))["model"])
+    decode = cfg.decode
+    decode.method, decode.beam_size, decode.batch_size, decode.alpha = ("beam" if beam > 1 else "greedy"), beam, batch, 1.0
+    if args.fixed_len:
+        decode.max_len_a, decode.max_len_b = 0.0, args.fixed_len
+    translator = Translator(model, tok, decode, torch.device("cpu"))
+    translator.run_dir, translator.bf16 = run_dir, args.bf16
+    if args.fixed_len:
+        translator.min_len = args.fixed_len
+    if args.int8:
+        translator.quantize()
+    if args.shortlist:
+        translator.set_shortlist(args.shortlist)
+    n = args.sentences if batch > 1 else max(1, args.sentences // 5)
+    src = list(load_split(run_dir / "data", "test")["src"][:n])
+    translator.translate_batch(src[:min(len(src), batch)])  # warm-up
+    t0 = time.perf_counter()
+    results = translator.translate_batch(src)
+    dt = time.perf_counter() - t0
+    out_tokens = sum(len(r.hyps[0].tokens) + 1 for r in results)
+    key = f"decode.{'beam' + str(beam) if beam > 1 else 'greedy'}.batch{batch}"
+    return {f"{key}.sentences_per_s": len(src) / dt, f"{key}.tokens_per_s": out_tokens / dt,
+            f"{key}.mean_len": out_tokens / len(src), f"{key}.peak_rss_mb": peak_rss_mb()}
+
+
+def _child(args) -> None:
+    """Run one phase (this process) and print its figures as JSON on stdout."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    if args.phase == "peak":
+        figures = {"machine.fp32_matmul_gflops": matmul_peak("float32"),
+                   "machine.bf16_matmul_gflops": matmul_peak("bfloat16"),
+                   "machine.threads": float(torch.get_num_threads())}
+    elif args.phase == "train":
+        figures = phase_train(args, run_dir)
+    else:
+        beam, batch = (int(x) for x in args.phase.split(":"))
+        figures = phase_decode(args, run_dir, beam, batch)
+    print(json.dumps(figures))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mt-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="bench_gru", help="a conf/model option (default: the peers' model)")
+    p.add_argument("--corpus", default="builtin:multi30k", help="directory of <split>.<lang> files")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="de")
+    p.add_argument("--vocab", type=int, default=8000, help="joint SentencePiece vocabulary")
+    p.add_argument("--batch-size", type=int, default=64, help="training sentences per batch")
+    p.add_argument("--warmup", type=int, default=10, help="training steps before the clock starts")
+    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--sentences", type=int, default=500, help="test sentences to decode (batch 1: a fifth)")
+    p.add_argument("--fixed-len", type=int, default=20, help="output length forced in decoding; 0 = natural")
+    p.add_argument("--phases", default="peak,train,1:1,1:64,5:1,5:64", help="peak, train, BEAM:BATCH, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--checkpoint", help="decode with these weights instead of untrained ones")
+    p.add_argument("--int8", action="store_true", help="decode with int8 dynamic quantization")
+    p.add_argument("--shortlist", type=int, default=0, help="decode with a target vocabulary shortlist")
+    p.add_argument("--bf16", action="store_true", help="decode with bf16 matrix products (autocast)")
+    p.add_argument("--dir", default=str(DEFAULT_DIR), help="where the prepared corpus is cached")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.phase:
+        return _child(args)
+    run_dir = prepare(args)
+    figures: Dict[str, Any] = {"config.model": args.model, "config.corpus": args.corpus,
+                               "config.batch_size": args.batch_size, "config.fixed_len": args.fixed_len,
+                               "config.int8": args.int8, "config.shortlist": args.shortlist, "config.bf16": args.bf16}
+    base = [sys.executable, "-m", "mt.bench", "--run-dir", str(run_dir)] + list(
+        argv if argv is not None else sys.argv[1:])
+    for phase in args.phases.split(","):
+        r = subprocess.run(base + ["--phase", phase], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"mt-bench: phase {phase} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            sys.exit(1)
+        new = json.loads(r.stdout.strip().splitlines()[-1])
+        for k, v in new.items():
+            print(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}", flush=True)
+        figures.update(new)
+    if "train.gflops" in figures and "machine.fp32_matmul_gflops" in figures:
+        figures["train.fraction_of_fp32_peak"] = figures["train.gflops"] / figures["machine.fp32_matmul_gflops"]
+        print(f"train.fraction_of_fp32_peak {figures['train.fraction_of_fp32_peak']:.3f}")
+    Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

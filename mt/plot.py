@@ -1,0 +1,121 @@
+"""`mt-plot`: pictures of a run, as PNG files in the run directory.
+
+    mt-plot runs/multi30k_en_de                      # curves.png: train loss, valid loss, BLEU
+    mt-plot runs/multi30k_en_de --sentence 12        # + attention_test_12.png
+    mt-plot runs/multi30k_en_de --text "A dog runs through the grass ."
+
+The attention matrix is the model's own: the sentence is translated with the run's decoding
+settings, then the translation is fed back with teacher forcing to collect the weights of every
+target piece over the source pieces.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> Dict[str, List[dict]]:
+    """metrics.jsonl by kind; a step logged twice (a resumed run redid it) keeps its last entry."""
+    rows: Dict[str, Dict[int, dict]] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: train the run first")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["kind"], {})[row["step"]] = row
+    return {k: [v[s] for s in sorted(v)] for k, v in rows.items()}
+
+
+def plot_curves(run_dir: Path) -> Path:
+    m = read_metrics(run_dir)
+    train, valid = m.get("train", []), m.get("valid", [])
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (label-smoothed)", lw=1)
+    ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid (NLL)", ms=3)
+    ax_loss.set(xlabel="update", ylabel="loss per target token", title="loss")
+    ax_loss.legend()
+    ax_bleu.plot([r["step"] for r in valid], [r["bleu"] for r in valid], "o-", ms=3, label="BLEU")
+    ax_bleu.plot([r["step"] for r in valid], [r["chrf"] for r in valid], "s-", ms=3, label="chrF")
+    ax_bleu.set(xlabel="update", ylabel="score", title="valid (greedy, sacreBLEU)")
+    ax_bleu.legend()
+    for ax in (ax_loss, ax_bleu):
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def attention_matrix(translator, text: str):
+    """(source pieces, target pieces, weights: target x source) for one sentence."""
+    from mt.batches import pad
+    from mt.data import normalize
+    from mt.tokenizer import BOS_ID, EOS_ID
+
+    result = translator.translate_batch([text])[0]
+    src_ids = translator.tok.encode_src([normalize(text)])[0]
+    tgt_ids = result.hyps[0].tokens
+    model = translator.model
+    src = pad([src_ids], suffix=EOS_ID).to(translator.device)
+    tgt_in = pad([tgt_ids], prefix=BOS_ID).to(translator.device)
+    _, weights = model(src, torch.tensor([len(src_ids) + 1]), tgt_in)
+    src_pieces = translator.tok.src_pieces(src_ids) + ["</s>"]
+    tgt_pieces = translator.tok.tgt_pieces(tgt_ids) + ["</s>"]
+    # the weights at step t belong to the piece predicted at t (tgt_in is shifted by BOS)
+    return src_pieces, tgt_pieces, weights[0, :len(tgt_pieces), :len(src_pieces)].float().cpu(), result.text
+
+
+def plot_attention(translator, text: str, out: Path) -> Path:
+    src, tgt, w, translation = attention_matrix(translator, text)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(src) + 2), max(3, 0.4 * len(tgt) + 1.5)))
+    ax.imshow(w.numpy(), cmap="Greys", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(src)), src, rotation=90)
+    ax.set_yticks(range(len(tgt)), tgt)
+    ax.set(xlabel="source", ylabel="translation")
+    ax.set_title(f"{text}\n-> {translation}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="mt-plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run directory")
+    p.add_argument("--sentence", type=int, help="plot the attention of this line (1-based) of --split")
+    p.add_argument("--split", default="test")
+    p.add_argument("--text", help="plot the attention for this source sentence")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    try:
+        print(plot_curves(run))
+        if args.sentence or args.text:
+            from mt.translate import Translator
+
+            translator = Translator.from_path(run, args.device)
+            text, name = args.text, "text"
+            if args.sentence:
+                from mt.data import load_split
+
+                text, name = load_split(run / "data", args.split)[args.sentence - 1]["src"], f"{args.split}_{args.sentence}"
+            print(plot_attention(translator, text, run / f"attention_{name}.png"))
+    except (FileNotFoundError, ValueError, IndexError) as e:
+        print(f"mt-plot: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

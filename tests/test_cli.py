@@ -1,0 +1,120 @@
+"""The shell tools: mt-translate as a Unix filter, mt-evaluate as sacrebleu, mt-plot."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mt.pipeline import run
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory):
+    """A tiny model trained through every stage (shared by the tests below)."""
+    from mt.config import compose_config
+    from conftest import tiny_overrides
+
+    run_dir = tmp_path_factory.mktemp("cli") / "runs" / "tiny"
+    run(compose_config(tiny_overrides(small_corpus)), run_dir)
+    return run_dir
+
+
+def sh(args, stdin="", **kw):
+    return subprocess.run(args, input=stdin.encode() if isinstance(stdin, str) else stdin, capture_output=True, **kw)
+
+
+def test_translate_keeps_one_line_per_input_line(trained):
+    lines = ["A dog runs.", "", "Two men ride bikes through the city.", "   ", "x" * 3000, "A\u2028B"]
+    r = sh([BIN / "mt-translate", "-m", trained, "--beam", "2", "--batch-size", "2"], "\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode("utf-8").split("\n")
+    assert len(out) == len(lines) + 1 and out[-1] == ""
+    assert out[1] == "" and out[3] == ""  # empty (or blank) in, empty out
+    assert "longer than the" in r.stderr.decode() and "line 5" in r.stderr.decode()
+    assert "INFO" not in r.stdout.decode()
+
+
+def test_translate_file_options_formats_and_greedy_equals_beam_one(trained, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("A man.\nA woman sings.\n", encoding="utf-8")
+    sh([BIN / "mt-translate", "-m", trained, "--greedy", "-i", src, "-o", tmp_path / "g.txt"], check=True)
+    sh([BIN / "mt-translate", "-m", trained, "--beam", "1", "-i", src, "-o", tmp_path / "b.txt"], check=True)
+    assert (tmp_path / "g.txt").read_text() == (tmp_path / "b.txt").read_text()
+    r = sh([BIN / "mt-translate", "-m", trained / "checkpoints" / "best.pt", "--beam", "3", "--n-best", "3",
+            "--format", "jsonl", "-i", src], check=True)
+    rows = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert [x["id"] for x in rows] == [1, 2] and all(len(x["hyps"]) == 3 for x in rows)
+    assert rows[0]["src"] == "A man." and rows[0]["hyps"][0]["score"] >= rows[0]["hyps"][1]["score"]
+    r = sh([BIN / "mt-translate", "-m", trained, "--beam", "2", "--n-best", "2", "--format", "tsv", "-i", src], check=True)
+    assert [line.split("\t")[:2] for line in r.stdout.decode().splitlines()] == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]]
+    r = sh([BIN / "mt-translate", "-m", trained, "--sample", "--seed", "3", "--top-k", "5", "-i", src], check=True)
+    assert len(r.stdout.decode().splitlines()) == 2
+
+
+def test_translate_errors_are_one_line(trained, tmp_path):
+    r = sh([BIN / "mt-translate", "-m", tmp_path / "nothing"])
+    assert r.returncode == 1 and r.stderr.decode().strip().splitlines()[-1].startswith("mt-translate: error: no checkpoint")
+    r = sh([BIN / "mt-translate", "-m", trained, "-q"], b"ok\n\xff\xfe\n")
+    assert r.returncode == 1 and "stdin:2: invalid UTF-8" in r.stderr.decode()
+    r = sh([BIN / "mt-translate", "-m", trained, "--n-best", "2", "--beam", "2"], "x\n")
+    assert r.returncode == 1 and "--format tsv or jsonl" in r.stderr.decode()
+
+
+def test_translate_streams_and_survives_a_closed_pipe(trained):
+    """Output for the first batch appears before stdin is closed; `| head -1` ends cleanly."""
+    proc = subprocess.Popen([BIN / "mt-translate", "-m", trained, "--buffer-size", "1", "-q"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"A dog.\n")
+    proc.stdin.flush()
+    first = proc.stdout.readline()  # would block forever if output waited for EOF
+    assert first.endswith(b"\n")
+    proc.stdin.close()
+    proc.wait(timeout=60)
+    text = "\n".join(["A dog runs."] * 300) + "\n"
+    r = subprocess.run(f"'{BIN / 'mt-translate'}' -m '{trained}' -q --greedy | head -1", shell=True, input=text.encode(),
+                       capture_output=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+    assert b"BrokenPipe" not in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_evaluate_prints_what_sacrebleu_prints(tmp_path):
+    hyp = ["The cat sat on the mat.", "A dog runs in the park .", "", "Ein Test"]
+    ref = ["The cat sat on a mat.", "A dog is running in the park.", "Something", "Ein Test"]
+    (tmp_path / "hyp").write_text("\n".join(hyp) + "\n")
+    (tmp_path / "ref").write_text("\n".join(ref) + "\n")
+    (tmp_path / "ref2").write_text("\n".join(reversed(ref)) + "\n")
+    for extra in ([], ["-m", "bleu", "chrf", "ter"], ["-f", "text", "-m", "bleu", "chrf"], ["-b"], ["-b", "-m", "chrf", "ter"],
+                  ["-lc", "-tok", "intl"], ["-w", "3"]):
+        for refs in (["ref"], ["ref", "ref2"]):
+            ours = sh([BIN / "mt-evaluate", *refs, "-i", "hyp", *extra], cwd=tmp_path)
+            theirs = sh([BIN / "sacrebleu", *refs, "-i", "hyp", *extra], cwd=tmp_path)
+            assert ours.returncode == 0, ours.stderr.decode()
+            assert ours.stdout == theirs.stdout, (extra, refs)
+    via_stdin = sh([BIN / "mt-evaluate", "ref", "-b"], "\n".join(hyp) + "\n", cwd=tmp_path)
+    assert via_stdin.stdout == sh([BIN / "sacrebleu", "ref", "-i", "hyp", "-b"], cwd=tmp_path).stdout
+
+
+def test_evaluate_line_count_mismatch_is_an_error(tmp_path):
+    (tmp_path / "ref").write_text("a\nb\n")
+    r = sh([BIN / "mt-evaluate", tmp_path / "ref"], "a\n")
+    assert r.returncode == 1 and f"stdin has 1 lines, {tmp_path / 'ref'} has 2" in r.stderr.decode()
+
+
+def test_evaluate_translates_and_scores_a_run(trained):
+    r = sh([BIN / "mt-evaluate", "--run", trained, "--split", "test", "-m", "bleu", "chrf"], check=True)
+    results = json.loads(r.stdout)
+    assert [x["name"] for x in results] == ["BLEU", "chrF2"]
+    scores = json.loads((trained / "test.scores.json").read_text())
+    assert results[0]["score"] == scores[0]["score"]  # same model, split and search as the pipeline
+
+
+def test_plot_writes_pngs(trained):
+    r = sh([BIN / "mt-plot", trained, "--sentence", "3"])
+    assert r.returncode == 0, r.stderr.decode()
+    for name in ("curves.png", "attention_test_3.png"):
+        data = (trained / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
