@@ -291,29 +291,45 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     """Sum over rows of label-smoothed cross-entropy from logits (N x V), and the plain NLL sum.
 
     loss_i = (1 - eps) * (lse_i - z_i[t_i]) + eps * (lse_i - mean_j z_ij),  lse = logsumexp(z_i)
-    d loss / d z = softmax(z) - (1 - eps) * onehot(t) - eps / V: one pass over N x V, where
-    log_softmax + gather + mean under autograd make five (PyTorch's label smoothing spreads eps
-    over all V classes the same way)."""
+    d loss / d z = softmax(z) - (1 - eps) * onehot(t) - eps / V  (PyTorch's label smoothing
+    spreads eps over all V classes the same way). The forward pass keeps the softmax, so the
+    backward pass is two in-place sweeps; rows go in cache-sized chunks, in float32 whatever
+    the logits' dtype (bf16 under autocast)."""
+
+    CHUNK = 64  # rows per chunk: 64 x 8000 float32 = 2 MB
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, eps: float):
-        z = logits.float()
-        lse = torch.logsumexp(z, dim=1)
-        nll = lse - z.gather(1, target.unsqueeze(1)).squeeze(1)
-        loss = (1 - eps) * nll.sum() + eps * (lse - z.mean(dim=1)).sum() if eps > 0 else nll.sum()
-        ctx.save_for_backward(logits, target, lse)
-        ctx.eps = eps
-        return loss, nll.sum()
+        n, v = logits.shape
+        probs = torch.empty(n, v, dtype=torch.float32, device=logits.device)
+        nll = logits.new_zeros((), dtype=torch.float32)
+        smooth = logits.new_zeros((), dtype=torch.float32)
+        for r in range(0, n, SmoothedCrossEntropy.CHUNK):
+            z = logits[r:r + SmoothedCrossEntropy.CHUNK].float()
+            p = probs[r:r + SmoothedCrossEntropy.CHUNK]
+            m = z.amax(dim=1, keepdim=True)
+            torch.sub(z, m, out=p)
+            p.exp_()
+            total = p.sum(dim=1, keepdim=True)
+            lse = (m + total.log()).squeeze(1)
+            nll += (lse - z.gather(1, target[r:r + SmoothedCrossEntropy.CHUNK, None]).squeeze(1)).sum()
+            if eps > 0:
+                smooth += (lse - z.mean(dim=1)).sum()
+            p.div_(total)
+        ctx.save_for_backward(probs, target)
+        ctx.eps, ctx.dtype = eps, logits.dtype
+        loss = (1 - eps) * nll + eps * smooth if eps > 0 else nll.clone()
+        return loss, nll
 
     @staticmethod
     def backward(ctx, d_loss, d_nll):
-        logits, target, lse = ctx.saved_tensors
+        probs, target = ctx.saved_tensors
         eps = ctx.eps
-        grad = torch.exp(logits.float() - lse.unsqueeze(1))  # softmax
+        grad = probs  # used once: modified in place
         if eps > 0:
-            grad.sub_(eps / logits.shape[1])
+            grad.sub_(eps / probs.shape[1])
         grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((target.shape[0], 1), -(1 - eps)))
-        return grad.mul_(d_loss).to(logits.dtype), None, None
+        return grad.mul_(d_loss).to(ctx.dtype), None, None
 
 
 # --- dropout with 8x fewer random draws (CPU) ---------------------------------------------------
