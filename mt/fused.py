@@ -359,3 +359,68 @@ class Dropout(torch.nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         return _Dropout.apply(x, self.p)
+
+
+# --- the encoder's recurrence -------------------------------------------------------------------
+
+class EncoderLoop(torch.autograd.Function):
+    """One direction of one encoder layer over padded sequences, in the manner of DecoderLoop.
+
+    gx: S x B x G input pre-activations (x W_ih^T + b_ih, one product for all steps, computed by
+    the caller); mask: S x B x 1, 1 at tokens. At padding the state is carried unchanged and the
+    output is zero, which is what torch's packed sequences give: the final state of a sentence
+    is the state after its last token. Returns outputs S x B x H, final h, final c (LSTM)."""
+
+    @staticmethod
+    def forward(ctx, spec, gx, mask, w_hh, b_hh):
+        cell, cdt = spec
+        wdt = w_hh.dtype
+        with torch.autocast(gx.device.type, enabled=False):
+            gx, mask = gx.to(wdt), mask.to(wdt)
+            w_t = w_hh.to(cdt).t()
+            n_b, n_h = gx.shape[1], w_hh.shape[1]
+            h = gx.new_zeros(n_b, n_h)
+            c = gx.new_zeros(n_b, n_h) if cell == "lstm" else None
+            outs, prev, saved = [], [], []
+            for t in range(gx.shape[0]):
+                m = mask[t]
+                h_new, c_new, sv = cell_forward(cell, gx[t], _addmm(b_hh, h, w_t), h, c)
+                prev.append(h)
+                saved.append(sv)
+                outs.append(h_new * m)
+                h = torch.addcmul(h, m, h_new - h)
+                if c is not None:
+                    c = torch.addcmul(c, m, c_new - c)
+            ctx.spec, ctx.saved = spec, saved
+            ctx.save_for_backward(torch.stack(prev), mask, w_hh)
+            return torch.stack(outs), h, (c if c is not None else h.new_empty(0))
+
+    @staticmethod
+    def backward(ctx, d_out, d_h, d_c):
+        cell, cdt = ctx.spec
+        prev, mask, w_hh32 = ctx.saved_tensors
+        with torch.autocast(prev.device.type, enabled=False):
+            wdt = w_hh32.dtype
+            w_hh = w_hh32.to(cdt)
+            d_out = d_out.to(wdt) if d_out is not None else torch.zeros_like(prev)
+            dh = d_h.to(wdt) if d_h is not None else torch.zeros_like(prev[0])
+            lstm = cell == "lstm"
+            dc = (d_c.to(wdt) if d_c is not None and d_c.numel() else torch.zeros_like(prev[0])) if lstm else None
+            steps = prev.shape[0]
+            dgx_all = torch.empty(steps, prev.shape[1], w_hh.shape[0], dtype=wdt, device=prev.device)
+            dgh_all = torch.empty_like(dgx_all)
+            for t in reversed(range(steps)):
+                m = mask[t]
+                dh_new = m * (dh + d_out[t])
+                dc_new = m * dc if lstm else None
+                dgx, dgh, dh_cell, dc_prev = cell_backward(cell, dh_new, dc_new, ctx.saved[t])
+                dgx_all[t], dgh_all[t] = dgx, dgh
+                dh = torch.addcmul(_mm(dgh, w_hh), 1 - m, dh)
+                if dh_cell is not None:
+                    dh = dh + dh_cell
+                if lstm:
+                    dc = torch.addcmul(dc_prev, 1 - m, dc)
+            flat_dgh = dgh_all.reshape(-1, dgh_all.shape[-1])
+            d_w = _wgrad(flat_dgh, prev.reshape(-1, prev.shape[-1]), cdt)
+            ctx.saved = None
+            return None, dgx_all, None, d_w, flat_dgh.sum(0)
