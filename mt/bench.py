@@ -67,7 +67,7 @@ def _model(args, run_dir: Path):
     from mt.model import build_model
     from mt.tokenizer import Tokenizer
 
-    cfg = compose_config([f"model={args.model}"])
+    cfg = compose_config(["~recipe", f"model={args.model}"])  # the model group alone, no recipe values
     tok = Tokenizer.from_dir(run_dir / "tokenizer")
     return cfg, tok, build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
 
@@ -82,18 +82,35 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
     from mt.tokenizer import IdCorpus
     from mt.train import LossModel
 
+    from mt import fused
+    from mt.train import autocast, resolve_precision
+
     cfg, tok, model = _model(args, run_dir)
-    tcfg = compose_config([f"train.batch_size={args.batch_size}"]).train
+    tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
     corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
     batches = epoch_batches(corpus, tcfg, seed=1, epoch=0)
     loss_model = LossModel(model, 0.1).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    ablate = set(filter(None, args.ablate.split(",")))
+    unknown = ablate - {"fused_decoder", "fused_encoder", "fused_loss", "fast_dropout", "fused_adam"}
+    if unknown:
+        raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))}")
+    model.decoder.use_fused = "fused_decoder" not in ablate
+    model.encoder.use_fused = "fused_encoder" not in ablate
+    if "fast_dropout" in ablate:
+        for m in model.modules():
+            if isinstance(m, fused.Dropout):
+                m.__class__ = torch.nn.Dropout
+    if "fused_loss" in ablate:
+        loss_model.forward = lambda src, src_len, tgt_in, tgt_out: _plain_loss(model, src, src_len, tgt_in, tgt_out)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused="fused_adam" not in ablate)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     tokens, steps = 0, args.warmup + args.train_steps
     for i in range(steps):
         if i == args.warmup:
             t0, tokens = time.perf_counter(), 0
         b = collate(corpus, batches[i % len(batches)], torch.device("cpu"))
-        out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
+        with autocast(torch.device("cpu"), precision):
+            out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
         (out[0] / b.n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
@@ -103,9 +120,22 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
     src_per_tgt = float(corpus.lengths["src"].sum() / corpus.lengths["tgt"].sum())
     flops = flops_per_target_token(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, src_per_tgt,
                                    float(corpus.lengths["src"].mean() + 1))
-    return {"train.target_tokens_per_s": tokens / dt, "train.steps_per_s": args.train_steps / dt,
+    return {"train.precision": precision, "train.ablate": ",".join(sorted(ablate)) or "none",
+            "train.target_tokens_per_s": tokens / dt, "train.steps_per_s": args.train_steps / dt,
             "train.flops_per_target_token": flops, "train.gflops": tokens / dt * flops / 1e9,
             "train.peak_rss_mb": peak_rss_mb()}
+
+
+def _plain_loss(model, src, src_len, tgt_in, tgt_out):
+    """The loss as autograd writes it (log_softmax, gather, mean): the --ablate fused_loss baseline."""
+    import torch
+    import torch.nn.functional as F
+
+    att, _ = model(src, src_len, tgt_in)
+    mask = tgt_out != 0
+    logp = F.log_softmax(model.logits(att[mask]).float(), dim=-1)
+    nll = -logp.gather(1, tgt_out[mask].unsqueeze(1)).sum()
+    return torch.stack([0.9 * nll - 0.1 * logp.mean(dim=-1).sum(), nll.detach()])
 
 
 def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]:
@@ -175,6 +205,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fixed-len", type=int, default=20, help="output length forced in decoding; 0 = natural")
     p.add_argument("--phases", default="peak,train,1:1,1:64,5:1,5:64", help="peak, train, BEAM:BATCH, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training precision")
+    p.add_argument("--ablate", default="", help="turn speed-ups off, for before/after figures: comma list of "
+                   "fused_decoder, fused_encoder, fused_loss, fast_dropout, fused_adam")
     p.add_argument("--checkpoint", help="decode with these weights instead of untrained ones")
     p.add_argument("--int8", action="store_true", help="decode with int8 dynamic quantization")
     p.add_argument("--shortlist", type=int, default=0, help="decode with a target vocabulary shortlist")
@@ -191,7 +224,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.phase:
         return _child(args)
     run_dir = prepare(args)
-    figures: Dict[str, Any] = {"config.model": args.model, "config.corpus": args.corpus,
+    figures: Dict[str, Any] = {"config.model": args.model, "config.corpus": args.corpus, "config.precision": args.precision,
+                               "config.ablate": args.ablate,
                                "config.batch_size": args.batch_size, "config.fixed_len": args.fixed_len,
                                "config.int8": args.int8, "config.shortlist": args.shortlist, "config.bf16": args.bf16}
     base = [sys.executable, "-m", "mt.bench", "--run-dir", str(run_dir)] + list(
