@@ -126,6 +126,83 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
             "train.peak_rss_mb": peak_rss_mb()}
 
 
+def phase_profile(args, run_dir: Path) -> Dict[str, float]:
+    """Where a training step's time goes. Timers wrap mt.fused's pieces (cells, attention,
+    per-step products, batched weight gradients, the loss) by replacing the module's functions
+    for this process only; the output layer is timed separately on the same shapes; the rest
+    (embeddings, key projections, attentional layer, dropout, autograd and Python) is the remainder."""
+    import collections
+
+    import torch
+
+    from mt import fused
+    from mt.batches import collate, epoch_batches
+    from mt.config import compose_config
+    from mt.tokenizer import IdCorpus
+    from mt.train import LossModel, autocast, resolve_precision
+
+    stats: Dict[str, float] = collections.defaultdict(float)
+
+    def timed(fn, name):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            stats[name] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    for fn, cat in (("attn_forward", "attention"), ("attn_backward", "attention"), ("cell_forward", "cells"),
+                    ("cell_backward", "cells"), ("_mm", "per-step products"), ("_addmm", "per-step products"),
+                    ("_wgrad", "batched weight gradients")):
+        setattr(fused, fn, timed(getattr(fused, fn), cat))
+    for cls, name in ((fused.EncoderLoop, "encoder loop"), (fused.DecoderLoop, "decoder loop"),
+                      (fused.SmoothedCrossEntropy, "loss")):
+        cls.forward = staticmethod(timed(cls.forward, name))
+        cls.backward = staticmethod(timed(cls.backward, name))
+    cfg, tok, model = _model(args, run_dir)
+    tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
+    corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
+    batches = epoch_batches(corpus, tcfg, seed=1, epoch=0)
+    loss_model = LossModel(model, 0.1).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    out_layer = model.decoder.output_layer
+    total = 0.0
+    for i in range(args.warmup + args.train_steps):
+        if i == args.warmup:
+            stats.clear()
+            total = 0.0
+        b = collate(corpus, batches[i % len(batches)], torch.device("cpu"))
+        t0 = time.perf_counter()
+        with autocast(torch.device("cpu"), precision):
+            out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
+        (out[0] / b.n_tokens).backward()
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        stats["optimizer"] += t2 - t1
+        total += t2 - t0
+        # the output layer, forward and backward, on this batch's shapes (timed apart)
+        x = torch.randn(b.n_tokens, out_layer.in_features, requires_grad=True)
+        t3 = time.perf_counter()
+        with autocast(torch.device("cpu"), precision):
+            y = out_layer(x)
+        y.backward(torch.ones_like(y))
+        stats["output layer"] += time.perf_counter() - t3
+        opt.zero_grad(set_to_none=True)
+    inner = {k: stats[k] for k in ("attention", "cells", "per-step products", "batched weight gradients")}
+    loops = stats["encoder loop"] + stats["decoder loop"]
+    parts = {**inner, "loop bookkeeping (stack, copies, Python)": loops - sum(inner.values()),
+             "output layer": stats["output layer"], "loss": stats["loss"], "optimizer": stats["optimizer"]}
+    parts["everything else"] = total - sum(parts.values())
+    figures = {f"profile.share.{k}": v / total for k, v in parts.items()}
+    figures["profile.step_ms"] = total / args.train_steps * 1000
+    figures["profile.precision"] = precision
+    return figures
+
+
 def _plain_loss(model, src, src_len, tgt_in, tgt_out):
     """The loss as autograd writes it (log_softmax, gather, mean): the --ablate fused_loss baseline."""
     import torch
@@ -163,9 +240,12 @@ def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]
     n = args.sentences if batch > 1 else max(1, args.sentences // 5)
     src = list(load_split(run_dir / "data", "test")["src"][:n])
     translator.translate_batch(src[:min(len(src), batch)])  # warm-up
-    t0 = time.perf_counter()
-    results = translator.translate_batch(src)
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeat):  # the median of several runs, as the peers' harness reports
+        t0 = time.perf_counter()
+        results = translator.translate_batch(src)
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
     out_tokens = sum(len(r.hyps[0].tokens) + 1 for r in results)
     key = f"decode.{'beam' + str(beam) if beam > 1 else 'greedy'}.batch{batch}"
     return {f"{key}.sentences_per_s": len(src) / dt, f"{key}.tokens_per_s": out_tokens / dt,
@@ -185,6 +265,8 @@ def _child(args) -> None:
                    "machine.threads": float(torch.get_num_threads())}
     elif args.phase == "train":
         figures = phase_train(args, run_dir)
+    elif args.phase == "profile":
+        figures = phase_profile(args, run_dir)
     else:
         beam, batch = (int(x) for x in args.phase.split(":"))
         figures = phase_decode(args, run_dir, beam, batch)
@@ -203,11 +285,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--sentences", type=int, default=500, help="test sentences to decode (batch 1: a fifth)")
     p.add_argument("--fixed-len", type=int, default=20, help="output length forced in decoding; 0 = natural")
-    p.add_argument("--phases", default="peak,train,1:1,1:64,5:1,5:64", help="peak, train, BEAM:BATCH, ...")
+    p.add_argument("--phases", default="peak,train,1:1,1:64,5:1,5:64",
+                   help="peak, train, profile, BEAM:BATCH, ... (comma-separated)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training precision")
     p.add_argument("--ablate", default="", help="turn speed-ups off, for before/after figures: comma list of "
                    "fused_decoder, fused_encoder, fused_loss, fast_dropout, fused_adam")
+    p.add_argument("--repeat", type=int, default=3, help="decoding runs per phase (the median is reported)")
     p.add_argument("--checkpoint", help="decode with these weights instead of untrained ones")
     p.add_argument("--int8", action="store_true", help="decode with int8 dynamic quantization")
     p.add_argument("--shortlist", type=int, default=0, help="decode with a target vocabulary shortlist")

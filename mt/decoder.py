@@ -64,6 +64,7 @@ class RecurrentDecoder(nn.Module):
         self.dropout = Dropout(dropout)
         self.emb_size, self.att_size = emb_size, att_size
         self.use_fused = True  # mt.fused.DecoderLoop for teacher forcing where it applies
+        self.frozen: Optional[dict] = None  # inference weights, see freeze()
 
     @property
     def parallel(self) -> bool:
@@ -91,13 +92,27 @@ class RecurrentDecoder(nn.Module):
     def embed_inputs(self, tokens: Tensor) -> Tensor:
         """Input-side gate pre-activations of the first layer from the embeddings alone.
         tokens: batch [x T] -> batch [x T] x gates*hidden (includes the input bias)."""
-        w = self.rnn.weight_ih_l0[:, :self.emb_size]
+        w = self.frozen["w_emb"] if self.frozen else self.rnn.weight_ih_l0[:, :self.emb_size]
         return F.linear(self.emb_dropout(self.embedding(tokens)), w, self.rnn.bias_ih_l0)
 
     def feed_weight(self) -> Optional[Tensor]:
         """The first layer's input weights for the fed vector (a view: take it once per batch,
         so autograd accumulates one gradient for it instead of one full-size one per step)."""
+        if self.frozen:
+            return self.frozen["w_feed"]
         return self.rnn.weight_ih_l0[:, self.emb_size:] if self.feed_size else None
+
+    def freeze(self) -> None:
+        """For inference: contiguous copies of the split input weights, made once instead of a
+        strided product every step. Switching back to training drops them."""
+        w = self.rnn.weight_ih_l0.detach()
+        self.frozen = {"w_emb": w[:, :self.emb_size].contiguous(),
+                       "w_feed": w[:, self.emb_size:].contiguous() if self.feed_size else None}
+
+    def train(self, mode: bool = True) -> "RecurrentDecoder":
+        if mode:
+            self.frozen = None
+        return super().train(mode)
 
     def _cell(self, gx: Tensor, h: Tensor, c: Optional[Tensor], layer: int):
         """One layer, one step: gx = input-side pre-activations (batch x gates*hidden)."""

@@ -153,23 +153,23 @@ def beam_search(model, src: Tensor, src_len: Tensor, beam_size: int = 5, alpha: 
         top_scores, top_idx = cand.topk(2 * k, dim=1)  # 2k: at least k do not end here
         top_beam, top_tok = top_idx // vocab, top_idx % vocab
         ends = (top_tok == EOS_ID) & (torch.arange(2 * k, device=device) < k) & ~torch.isinf(top_scores)
+        done = limit[sent] <= step + 1  # at the length cap every beam is made to end
         if ends.any():
             lp = length_penalty(step + 1, alpha)
+            live = sent.tolist()
             for i, j in ends.nonzero().tolist():
-                s = int(sent[i])
+                s = live[i]
                 if len(finished[s]) < k:
                     row = i * k + int(top_beam[i, j])
                     logprob = float(top_scores[i, j])
                     finished[s].append(Hypothesis(history[row].tolist(), logprob / lp, logprob))
+            done |= torch.tensor([len(finished[s]) >= k for s in live], device=device)
         # the k best continuations that do not end
         rank = torch.arange(2 * k, device=device).expand(n, 2 * k)
         order = torch.where(top_tok == EOS_ID, rank + 2 * k, rank).argsort(dim=1)[:, :k]
         scores = top_scores.gather(1, order)
         beams = top_beam.gather(1, order)
         tokens = top_tok.gather(1, order).view(-1)
-        # rows to keep: sentences with fewer than k finished hypotheses
-        done = torch.tensor([len(finished[int(s)]) >= k for s in sent.tolist()], device=device)
-        done |= limit[sent] <= step + 1  # at the length cap every beam was made to end
         parent = (torch.arange(n, device=device)[:, None] * k + beams)  # n x k rows of this step
         step += 1
         if done.any():

@@ -56,6 +56,7 @@ class Translator:
 
     def __init__(self, model: Seq2Seq, tok: Tokenizer, decode: Any, device: torch.device, max_train_len: int = 0):
         self.model, self.tok, self.decode, self.device = model.eval(), tok, decode, device
+        model.decoder.freeze()
         self.max_train_len = max_train_len
         self.min_len = 0  # > 0 blocks EOS before that many tokens (benchmarks: fixed-length output)
         self.run_dir: Optional[Path] = None  # the run the model came from (for the shortlist's data)
