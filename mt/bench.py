@@ -77,7 +77,6 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
 
     from mt.batches import collate, epoch_batches
     from mt.config import compose_config
-    from mt.fused import SmoothedCrossEntropy  # noqa: F401  (the loss the trainer uses)
     from mt.model import flops_per_target_token
     from mt.tokenizer import IdCorpus
     from mt.train import LossModel
@@ -128,9 +127,9 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
 
 def phase_profile(args, run_dir: Path) -> Dict[str, float]:
     """Where a training step's time goes. Timers wrap mt.fused's pieces (cells, attention,
-    per-step products, batched weight gradients, the loss) by replacing the module's functions
-    for this process only; the output layer is timed separately on the same shapes; the rest
-    (embeddings, key projections, attentional layer, dropout, autograd and Python) is the remainder."""
+    per-step products, batched weight gradients, the output layer with the loss) by replacing
+    the module's functions for this process only; the rest (embeddings, key projections, the
+    attentional layer, dropout, autograd and Python) is the remainder."""
     import collections
 
     import torch
@@ -156,7 +155,7 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
                     ("_wgrad", "batched weight gradients")):
         setattr(fused, fn, timed(getattr(fused, fn), cat))
     for cls, name in ((fused.EncoderLoop, "encoder loop"), (fused.DecoderLoop, "decoder loop"),
-                      (fused.SmoothedCrossEntropy, "loss")):
+                      (fused.LinearCrossEntropy, "output layer + loss")):
         cls.forward = staticmethod(timed(cls.forward, name))
         cls.backward = staticmethod(timed(cls.backward, name))
     cfg, tok, model = _model(args, run_dir)
@@ -166,7 +165,6 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
     loss_model = LossModel(model, 0.1).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
     precision = resolve_precision(args.precision, torch.device("cpu"))
-    out_layer = model.decoder.output_layer
     total = 0.0
     for i in range(args.warmup + args.train_steps):
         if i == args.warmup:
@@ -184,18 +182,10 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
         t2 = time.perf_counter()
         stats["optimizer"] += t2 - t1
         total += t2 - t0
-        # the output layer, forward and backward, on this batch's shapes (timed apart)
-        x = torch.randn(b.n_tokens, out_layer.in_features, requires_grad=True)
-        t3 = time.perf_counter()
-        with autocast(torch.device("cpu"), precision):
-            y = out_layer(x)
-        y.backward(torch.ones_like(y))
-        stats["output layer"] += time.perf_counter() - t3
-        opt.zero_grad(set_to_none=True)
     inner = {k: stats[k] for k in ("attention", "cells", "per-step products", "batched weight gradients")}
     loops = stats["encoder loop"] + stats["decoder loop"]
     parts = {**inner, "loop bookkeeping (stack, copies, Python)": loops - sum(inner.values()),
-             "output layer": stats["output layer"], "loss": stats["loss"], "optimizer": stats["optimizer"]}
+             "output layer + loss": stats["output layer + loss"], "optimizer": stats["optimizer"]}
     parts["everything else"] = total - sum(parts.values())
     figures = {f"profile.share.{k}": v / total for k, v in parts.items()}
     figures["profile.step_ms"] = total / args.train_steps * 1000

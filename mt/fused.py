@@ -100,28 +100,30 @@ def cell_backward(kind: str, dh: Tensor, dc: Optional[Tensor], saved):
 # --- attention ----------------------------------------------------------------------------------
 
 def attn_forward(additive: bool, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, v: Optional[Tensor]):
-    """q: B x A (additive: the projected query) or B x H; returns context, weights, saved energy."""
+    """q: B x A (additive: the projected query) or B x H; returns context and weights."""
     if additive:
-        energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
-        scores = torch.matmul(energy, v) + bias  # B x S
+        scores = torch.matmul(torch.tanh(keys + q.unsqueeze(1)), v) + bias  # B x S
     else:
-        energy = None
         scores = torch.baddbmm(bias.unsqueeze(1), q.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
     a = torch.softmax(scores, dim=1)
     ctx = torch.bmm(a.unsqueeze(1), values).squeeze(1)  # B x C
-    return ctx, a, energy
+    return ctx, a
 
 
 def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: Tensor, q: Tensor, keys: Tensor,
-                  values: Tensor, energy: Optional[Tensor], v: Optional[Tensor], dkeys: Tensor, dvalues: Tensor):
-    """Accumulates into dkeys / dvalues; returns (d q, d scores)."""
+                  values: Tensor, v: Optional[Tensor], dkeys: Tensor, dvalues: Tensor, dv: Optional[Tensor]):
+    """Accumulates into dkeys / dvalues (/ dv); returns (d q, d scores). The additive energy
+    (B x S x A per step) is recomputed here rather than kept from the forward pass: keeping it
+    for every step was the largest part of a training step's memory."""
     da = torch.bmm(values, dctx.unsqueeze(2)).squeeze(2)  # B x S
     if da_extra is not None:
         da = da + da_extra
     dvalues.baddbmm_(a.unsqueeze(2), dctx.unsqueeze(1))  # += a^T dctx per sentence
     ds = a * (da - (a * da).sum(dim=1, keepdim=True))
     if additive:
-        dpre = ds.unsqueeze(2) * v * (1 - energy * energy)  # B x S x A
+        energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A, as in the forward pass
+        dv.add_(torch.mm(ds.reshape(1, -1), energy.reshape(-1, energy.shape[2])).squeeze(0))
+        dpre = ds.unsqueeze(2) * v * (1 - energy * energy)
         dkeys.add_(dpre)
         return dpre.sum(dim=1), ds
     dkeys.baddbmm_(ds.unsqueeze(2), q.unsqueeze(1))
@@ -155,20 +157,20 @@ class DecoderLoop(torch.autograd.Function):
         w_q_t = w_q.to(cdt).t() if additive else None
         w_o_t = w_o.to(cdt).t() if luong else None
         h, c, feed = h0, (c0 if lstm else None), feed0
-        hs, cs, ctxs, attns, feeds, cells, energies, queries, units = [], [], [], [], [], [], [], [], []
+        hs, ctxs, attns, feeds, cells, queries, units = [], [], [], [], [], [], []
         for t in range(steps):
             g1 = _addmm(b1, h, w1_t)
             gh = g1[:, :w_hh.shape[0]]
             if not luong:
                 q = g1[:, w_hh.shape[0]:] if additive else h
-                context, a, energy = attn_forward(additive, q, keys, values, bias, v)
+                context, a = attn_forward(additive, q, keys, values, bias, v)
                 gx = _addmm(gx_emb[t], context, w_f_t)
             else:
                 gx = _addmm(gx_emb[t], feed, w_f_t)
             h_new, c_new, saved = cell_forward(cell, gx, gh, h, c)
             if luong:
                 q = _mm(h_new, w_q_t) if additive else h_new
-                context, a, energy = attn_forward(additive, q, keys, values, bias, v)
+                context, a = attn_forward(additive, q, keys, values, bias, v)
                 unit = torch.cat([h_new, context], dim=1)
                 if mask.numel():
                     unit = unit * mask[t]
@@ -180,7 +182,6 @@ class DecoderLoop(torch.autograd.Function):
                 ctxs.append(context)
             hs.append(h)
             cells.append(saved)
-            energies.append(energy)
             queries.append(q)
             attns.append(a)
             h, c = h_new, c_new
@@ -189,7 +190,7 @@ class DecoderLoop(torch.autograd.Function):
         A = torch.stack(attns)
         out = torch.stack(ctxs)  # bahdanau: contexts; luong: attentional vectors
         ctx.spec = (cell, style, additive, cdt)
-        ctx.cells, ctx.energies, ctx.queries = cells, energies, queries
+        ctx.cells, ctx.queries = cells, queries
         ctx.save_for_backward(H, A, out, keys, values, w_hh, w_f, w_q, v, w_o, mask,
                               torch.stack(feeds) if luong else out.new_empty(0),
                               torch.stack(units) if luong else out.new_empty(0))
@@ -224,9 +225,9 @@ class DecoderLoop(torch.autograd.Function):
         dgh_all = torch.empty_like(dgx_all)
         dq_all: List[Tensor] = []
         dpo_all: List[Tensor] = []
-        ds_all: List[Tensor] = []
+        d_v = torch.zeros_like(v) if additive else None
         for t in reversed(range(steps)):
-            saved, energy, q = ctx.cells[t], ctx.energies[t], ctx.queries[t]
+            saved, q = ctx.cells[t], ctx.queries[t]
             da_extra = d_attn[t] if d_attn is not None else None
             if luong:
                 dfo = dfeed + (d_first[t] if d_first is not None else 0)
@@ -237,11 +238,10 @@ class DecoderLoop(torch.autograd.Function):
                     dunit = dunit * mask[t]
                 n_h = H.shape[2]
                 dh_top, dctx = dunit[:, :n_h], dunit[:, n_h:]
-                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, dvalues, d_v)
                 dh_new = dh + dh_top + (_mm(dq, w_q) if additive else dq)
                 if additive:
                     dq_all.append(dq)
-                ds_all.append(ds)
                 dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
                 dfeed = _mm(dgx, w_f)
                 dh = _mm(dgh, w_hh) if dh_cell is None else _addmm(dh_cell, dgh, w_hh)
@@ -249,8 +249,7 @@ class DecoderLoop(torch.autograd.Function):
                 dh_new = dh + (d_first[t] if d_first is not None else 0)
                 dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
                 dctx = _mm(dgx, w_f) + (d_second[t] if d_second is not None else 0)
-                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, energy, v, dkeys, dvalues)
-                ds_all.append(ds)
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, dvalues, d_v)
                 if additive:
                     dq_all.append(dq)
                     dh = _mm(torch.cat([dgh, dq], dim=1), w1)
@@ -266,13 +265,10 @@ class DecoderLoop(torch.autograd.Function):
         d_b_hh = flat(dgh_all).sum(0)
         fed = feeds if luong else out  # what W_f multiplied
         d_w_f = _wgrad(flat(dgx_all), flat(fed), cdt)
-        d_w_q = d_v = d_w_o = d_b_o = None
+        d_w_q = d_w_o = d_b_o = None
         if additive:
             dq_stack = torch.stack(dq_all[::-1])
             d_w_q = _wgrad(flat(dq_stack), flat(H[1:] if luong else h_prev), cdt)
-            ds_stack = torch.stack(ds_all[::-1])  # T x B x S
-            energy = torch.stack(ctx.energies)  # T x B x S x A
-            d_v = torch.einsum("tbs,tbsa->a", ds_stack, energy)
         if luong:
             dpo = torch.stack(dpo_all[::-1])
             d_w_o = _wgrad(flat(dpo), flat(units), cdt)
@@ -280,56 +276,67 @@ class DecoderLoop(torch.autograd.Function):
         d_h0 = dh
         d_c0 = dc if lstm else None
         d_feed0 = dfeed if luong else None
-        ctx.cells = ctx.energies = ctx.queries = None
+        ctx.cells = ctx.queries = None
         return (None, dgx_all, d_h0, d_c0, d_feed0, dkeys, dvalues, None, d_w_hh, d_b_hh, d_w_f,
                 d_w_q, d_v, d_w_o, d_b_o, None)
 
 
 # --- the loss over the vocabulary ---------------------------------------------------------------
 
-class SmoothedCrossEntropy(torch.autograd.Function):
-    """Sum over rows of label-smoothed cross-entropy from logits (N x V), and the plain NLL sum.
+class LinearCrossEntropy(torch.autograd.Function):
+    """The output layer and the label-smoothed cross-entropy in one pass over row chunks: the
+    N x V logits never exist at once (memory O(chunk x V)), and the gradients are computed
+    while each chunk's softmax is in cache (then only scaled in backward).
 
-    loss_i = (1 - eps) * (lse_i - z_i[t_i]) + eps * (lse_i - mean_j z_ij),  lse = logsumexp(z_i)
-    d loss / d z = softmax(z) - (1 - eps) * onehot(t) - eps / V  (PyTorch's label smoothing
-    spreads eps over all V classes the same way). The forward pass keeps the softmax, so the
-    backward pass is two in-place sweeps; rows go in cache-sized chunks, in float32 whatever
-    the logits' dtype (bf16 under autocast)."""
+    For rows x_i (N x D), weights W (V x D), bias b:  z_i = W x_i + b,  lse_i = logsumexp(z_i),
+        loss = sum_i (1 - eps) (lse_i - z_i[t_i]) + eps (lse_i - mean_j z_ij)   (and the NLL sum)
+        d loss / d z = softmax(z) - (1 - eps) onehot(t) - eps / V   (PyTorch's label smoothing)
+    Matrix products run in the autocast dtype (bf16 under autocast), the softmax in float32."""
 
-    CHUNK = 64  # rows per chunk: 64 x 8000 float32 = 2 MB
+    CHUNK = 256  # rows per chunk: 256 x 8000 float32 = 8 MB
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, eps: float):
-        n, v = logits.shape
-        probs = torch.empty(n, v, dtype=torch.float32, device=logits.device)
-        nll = logits.new_zeros((), dtype=torch.float32)
-        smooth = logits.new_zeros((), dtype=torch.float32)
-        for r in range(0, n, SmoothedCrossEntropy.CHUNK):
-            z = logits[r:r + SmoothedCrossEntropy.CHUNK].float()
-            p = probs[r:r + SmoothedCrossEntropy.CHUNK]
-            m = z.amax(dim=1, keepdim=True)
-            torch.sub(z, m, out=p)
-            p.exp_()
-            total = p.sum(dim=1, keepdim=True)
-            lse = (m + total.log()).squeeze(1)
-            nll += (lse - z.gather(1, target[r:r + SmoothedCrossEntropy.CHUNK, None]).squeeze(1)).sum()
-            if eps > 0:
-                smooth += (lse - z.mean(dim=1)).sum()
-            p.div_(total)
-        ctx.save_for_backward(probs, target)
-        ctx.eps, ctx.dtype = eps, logits.dtype
-        loss = (1 - eps) * nll + eps * smooth if eps > 0 else nll.clone()
-        return loss, nll
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, eps: float, cdt: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            n, v = x.shape[0], weight.shape[0]
+            wdt = weight.dtype
+            acc = torch.float64 if wdt == torch.float64 else torch.float32  # softmax and sums
+            w = weight.to(cdt)
+            dx = torch.empty(n, x.shape[1], dtype=wdt, device=x.device)
+            dw = torch.zeros(v, x.shape[1], dtype=acc, device=x.device)
+            db = torch.zeros(v, dtype=acc, device=x.device) if bias is not None else None
+            nll = torch.zeros((), dtype=acc, device=x.device)
+            smooth = torch.zeros((), dtype=acc, device=x.device)
+            for r in range(0, n, LinearCrossEntropy.CHUNK):
+                xc = x[r:r + LinearCrossEntropy.CHUNK].to(cdt)
+                z = torch.mm(xc, w.t()).to(acc)
+                if bias is not None:
+                    z += bias.to(acc)
+                t = target[r:r + LinearCrossEntropy.CHUNK, None]
+                m = z.amax(dim=1, keepdim=True)
+                p = torch.exp(z - m)
+                total = p.sum(dim=1, keepdim=True)
+                lse = (m + total.log()).squeeze(1)
+                nll += (lse - z.gather(1, t).squeeze(1)).sum()
+                if eps > 0:
+                    smooth += (lse - z.mean(dim=1)).sum()
+                grad = p.div_(total)  # softmax, then the gradient in place
+                if eps > 0:
+                    grad.sub_(eps / v)
+                grad.scatter_add_(1, t, grad.new_full(t.shape, -(1 - eps)))
+                g = grad.to(cdt)
+                dx[r:r + LinearCrossEntropy.CHUNK] = torch.mm(g, w).to(wdt)
+                dw.add_(torch.mm(g.t(), xc).to(acc))
+                if db is not None:
+                    db.add_(grad.sum(0))
+            ctx.save_for_backward(dx, dw.to(wdt), db.to(wdt) if db is not None else None)
+            loss = (1 - eps) * nll + eps * smooth if eps > 0 else nll.clone()
+            return loss, nll
 
     @staticmethod
     def backward(ctx, d_loss, d_nll):
-        probs, target = ctx.saved_tensors
-        eps = ctx.eps
-        grad = probs  # used once: modified in place
-        if eps > 0:
-            grad.sub_(eps / probs.shape[1])
-        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((target.shape[0], 1), -(1 - eps)))
-        return grad.mul_(d_loss).to(ctx.dtype), None, None
+        dx, dw, db = ctx.saved_tensors
+        return dx * d_loss, dw * d_loss, (db * d_loss if db is not None else None), None, None, None
 
 
 # --- dropout with 8x fewer random draws (CPU) ---------------------------------------------------

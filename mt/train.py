@@ -32,7 +32,7 @@ from mt import checkpoint as ckpt_io
 from mt import distributed
 from mt.batches import collate, epoch_batches, eval_batches, n_target_tokens
 from mt.config import to_container
-from mt.fused import SmoothedCrossEntropy
+from mt.fused import LinearCrossEntropy
 from mt.model import Seq2Seq, build_model, count_parameters
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
 
@@ -102,9 +102,12 @@ class LossModel(nn.Module):
                 tf_ratio: float = 1.0) -> Tensor:
         """Returns [smoothed loss sum, NLL sum] over the target tokens (padding excluded)."""
         att, _ = self.model(src, src_len, tgt_in, tf_ratio)  # B x T x D
-        mask = tgt_out != PAD_ID
-        logits = self.model.logits(att[mask])  # N x V: the output layer never sees padding
-        loss, nll = SmoothedCrossEntropy.apply(logits, tgt_out[mask], self.label_smoothing)
+        mask = tgt_out != PAD_ID  # the output layer never sees padding
+        out = self.model.decoder.output_layer
+        device = att.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else out.weight.dtype
+        loss, nll = LinearCrossEntropy.apply(att[mask], out.weight, out.bias, tgt_out[mask], self.label_smoothing,
+                                             compute)
         return torch.stack([loss, nll.detach()])
 
 

@@ -112,3 +112,29 @@ def test_fused_encoder_matches_packed_torch_rnn(arch):
     torch.testing.assert_close(summ, sum_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_linear_cross_entropy_matches_autograd(eps, monkeypatch):
+    """Output layer + label-smoothed loss in row chunks == F.linear + F.cross_entropy (float64),
+    across chunk boundaries; gradients for the input, the weight and the bias."""
+    from mt.fused import LinearCrossEntropy
+
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (30,), generator=g)
+    loss, nll = LinearCrossEntropy.apply(x, w, b, t, eps, torch.float64)
+    (2.5 * loss).backward()
+    grads = [p.grad.clone() for p in (x, w, b)]
+    for p in (x, w, b):
+        p.grad = None
+    logits = torch.nn.functional.linear(x, w, b)
+    ref = torch.nn.functional.cross_entropy(logits, t, label_smoothing=eps, reduction="sum")
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, t, reduction="sum"))
+    for got, p in zip(grads, (x, w, b)):
+        torch.testing.assert_close(got, p.grad)
