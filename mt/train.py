@@ -318,7 +318,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     #       stop at max_steps / max_epochs / max_time / patience
     #   validate and save at the end if the last update was not validated
     per_update = ctx.world * tcfg.accum_steps
-    total = tcfg.max_steps or None
+    # the bar's total (hence its ETA): max_steps, else max_epochs of this epoch's length
+    per_epoch = len(epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])) // per_update
+    total = tcfg.max_steps or (tcfg.max_epochs * per_epoch if tcfg.max_epochs else None)
     bar = _progress_bar(ctx, total, progress["step"])
     window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
     validated_at = progress["step"] if last_path.exists() else -1
@@ -370,7 +372,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                 if step % tcfg.log_every == 0 or step == 1:
                     tps = window["tokens"] / max(window["time"], 1e-9)
                     loss, ppl = window["loss"] / window["tokens"], math.exp(min(window["nll"] / window["tokens"], 50))
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    left = f"{max(0.0, tcfg.max_time - progress['elapsed'] / 60):.0f}min" if tcfg.max_time else "-"
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", time_left=left,
+                                    refresh=False)
                     metrics.write("train", step, {"loss": loss, "ppl": ppl, "lr": lr, "tokens_per_s": tps,
                                                   "epoch": progress["epoch"], "tf_ratio": tf})
                     log.info("step %d epoch %d: loss %.3f ppl %.2f lr %.2e %s target tokens/s",
