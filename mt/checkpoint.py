@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -92,3 +92,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def average(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The element-wise mean of model state_dicts (floating tensors, accumulated in float64);
+    other tensors are taken from the last state."""
+    if not states:
+        raise ValueError("average: no states")
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            total = sum(s[key].to(torch.float64) for s in states)
+            out[key] = (total / len(states)).to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out
+

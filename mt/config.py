@@ -112,6 +112,9 @@ class TrainConfig:
     valid_max_sentences: int = 0  # 0 = the whole valid split
     valid_metric: Literal["bleu", "chrf", "loss"] = "bleu"
     patience: int = 0  # validations without improvement before stopping; 0 = off
+    # > 1: keep the weights of the last N validations; when training stops, validate their
+    # average and make it best.pt if it scores better (fairseq's average_checkpoints.py)
+    average_last: int = 0
     # Scheduled sampling: probability of feeding the reference token, decaying over steps.
     teacher_forcing: float = 1.0
     tf_schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
@@ -122,7 +125,6 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    compile: bool = False  # torch.compile the decoder step
     log_every: int = 100
 
 

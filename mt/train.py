@@ -206,6 +206,31 @@ class MetricsLog:
             self.writer.close()
 
 
+def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any], validate_fn) -> None:
+    """When training has stopped: average the weights of the last `train.average_last`
+    validations (checkpoints/step_*.pt), validate the average, and make it best.pt when it beats
+    the best single checkpoint. checkpoints/averaged.json records that it was done (and how it
+    scored), so a rerun does not repeat it."""
+    marker = ckpt_dir / "averaged.json"
+    paths = sorted(ckpt_dir.glob("step_*.pt"))[-tcfg.average_last:]
+    if marker.exists() or len(paths) < 2:
+        return
+    states = [ckpt_io.load(p, map_location=next(model.parameters()).device) for p in paths]
+    model.load_state_dict(ckpt_io.average([s["model"] for s in states]))
+    result = validate_fn()
+    metric, steps = tcfg.valid_metric, [s["step"] for s in states]
+    better = improved(metric, result[metric], progress["best"])
+    log.info("valid, average of steps %s: loss %.3f BLEU %.2f chrF %.2f (best single checkpoint: %s %.2f)%s",
+             ",".join(map(str, steps)), result["loss"], result["bleu"], result["chrf"], metric, progress["best"],
+             "; saved as best.pt" if better else "; best.pt kept")
+    if better:
+        best = {k: v for k, v in states[-1].items() if k not in ("optimizer", "schedule", "rng")}
+        best.update(model=model.state_dict(), best=result[metric], best_step=progress["step"], averaged_steps=steps)
+        ckpt_io.save(best, ckpt_dir / "best.pt")
+    marker.write_text(json.dumps({"steps": steps, "better": better,
+                                  **{k: v for k, v in result.items() if k != "bleu_signature"}}) + "\n")
+
+
 def _progress_bar(ctx, total: Optional[int], initial: int):
     from tqdm import tqdm
 
@@ -268,8 +293,12 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                  cfg.model.cell, count_parameters(model), tok.src_vocab_size, tok.tgt_vocab_size,
                  device, ctx.world)
     reason = stop_reason(tcfg, progress)
+    validate_here = lambda: validate(model, valid_corpus, valid_refs, tok, device, precision,  # noqa: E731
+                                     tcfg.valid_max_sentences)
     if reason:
         log.info("train: done (%s), skipped", reason)
+        if tcfg.average_last > 1 and ctx.main:
+            average_last(tcfg, model, ckpt_dir, progress, validate_here)
         return progress
     ddp = None
     if ctx.distributed:
@@ -285,13 +314,18 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng_states,
                  "config": to_container(cfg), "model_config": model_cfg, "tokenizer": tokenizer_info}
         ckpt_io.save(state, last_path)
+        weights = {k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng")}
         if with_best:
-            ckpt_io.save({k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng")}, best_path)
+            ckpt_io.save(weights, best_path)
+        if tcfg.average_last > 1:  # the weights of the last N validations, for average_last()
+            ckpt_io.save(weights, ckpt_dir / f"step_{progress['step']:08d}.pt")
+            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-tcfg.average_last]:
+                old.unlink()
 
     def run_validation() -> None:
         t0, result = time.perf_counter(), None
         if ctx.main:
-            result = validate(model, valid_corpus, valid_refs, tok, device, precision, tcfg.valid_max_sentences)
+            result = validate_here()
         result = distributed.broadcast_object(ctx, result)
         value = result[tcfg.valid_metric]
         better = improved(tcfg.valid_metric, value, progress["best"])
@@ -394,6 +428,8 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     bar.close()
     if validated_at != progress["step"]:
         run_validation()
+    if tcfg.average_last > 1 and ctx.main:
+        average_last(tcfg, model, ckpt_dir, progress, validate_here)
     metrics.close()
     log.info("train: stopped at step %d (%s); best valid %s %.2f at step %s; %.1f min, %d target tokens",
              progress["step"], reason, tcfg.valid_metric, progress["best"], progress["best_step"],

@@ -91,6 +91,37 @@ def test_loading_never_runs_pickled_code(tmp_path):
         ckpt_io.load(path)
 
 
+def test_average_of_states_is_the_mean_and_keeps_integer_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(7)}
+    avg = ckpt_io.average([a, b])
+    torch.testing.assert_close(avg["w"], torch.tensor([2.0, 4.0]))
+    assert avg["n"].item() == 7 and avg["w"].dtype == torch.float32
+
+
+def test_average_last_keeps_n_snapshots_and_validates_their_mean(tiny_cfg, tmp_path, monkeypatch):
+    import mt.train
+
+    monkeypatch.setattr(mt.train, "improved", lambda metric, value, best: True)  # the average wins
+    over = {**FAST, "train.max_steps": 12, "train.valid_every": 3, "train.valid_max_sentences": 5,
+            "train.average_last": 3}
+    run(tiny_cfg(**over), tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    snaps = sorted(ckpt_dir.glob("step_*.pt"))
+    assert [ckpt_io.load(p)["step"] for p in snaps] == [6, 9, 12]  # older ones pruned
+    record = json.loads((ckpt_dir / "averaged.json").read_text())
+    assert record["steps"] == [6, 9, 12] and {"bleu", "chrf", "loss"} <= set(record)
+    mean = ckpt_io.average([params(p) for p in snaps])
+    best = ckpt_io.load(ckpt_dir / "best.pt")
+    assert record["better"] and best["averaged_steps"] == [6, 9, 12]
+    for k in mean:
+        torch.testing.assert_close(best["model"][k], mean[k], msg=k)
+    assert not torch.equal(best["model"]["decoder.output_layer.weight"], params(snaps[-1])["decoder.output_layer.weight"])
+    stamp = (ckpt_dir / "averaged.json").stat().st_mtime_ns
+    run(tiny_cfg(**over), tmp_path)  # done: neither training nor averaging again
+    assert (ckpt_dir / "averaged.json").stat().st_mtime_ns == stamp
+
+
 def test_checkpoint_with_other_architecture_or_vocabulary_is_refused(tiny_cfg, tmp_path):
     run(tiny_cfg(**{**FAST, "train.max_steps": 2}), tmp_path)
     with pytest.raises(ckpt_io.CheckpointError, match=r"model.dec_hidden=32 \(config: 48\)"):
