@@ -4,35 +4,15 @@ the exception the benchmark report measures in BLEU; here it only has to stay cl
 import pytest
 import torch
 
-from mt.config import ModelConfig, structured
 from mt.inference import Shortlist, ShortlistModel, quantize_int8
-from mt.model import build_model
 from mt.search import beam_search, greedy_search
 from mt.tokenizer import EOS_ID
+
+from test_search import batch, tiny_model  # the same tiny model and batches as the search tests
 
 V = 40
 ARCHS = [dict(), dict(cell="lstm", decoder="luong", attention="general"),
          dict(decoder="luong", attention="bahdanau", input_feeding=True, dec_layers=2, enc_layers=2)]
-
-
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    base = dict(emb_size=16, enc_hidden=12, dec_hidden=20, attn_size=10, dropout=0.0, emb_dropout=0.0)
-    base.update(kw)
-    model = build_model(structured(ModelConfig(**base)), V, V).eval()
-    with torch.no_grad():  # a peaked output distribution, so the search has something to find
-        model.decoder.output_layer.weight.mul_(8)
-    return model
-
-
-def batch(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(2, 9, (n,), generator=g)
-    src = torch.zeros(n, int(lens.max()), dtype=torch.long)
-    for i, n_i in enumerate(lens.tolist()):
-        src[i, :n_i - 1] = torch.randint(4, V, (n_i - 1,), generator=g)
-        src[i, n_i - 1] = EOS_ID
-    return src, lens
 
 
 def outputs(model, src, lens):
