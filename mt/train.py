@@ -353,7 +353,8 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     #   validate and save at the end if the last update was not validated
     per_update = ctx.world * tcfg.accum_steps
     # the bar's total (hence its ETA): max_steps, else max_epochs of this epoch's length
-    per_epoch = len(epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])) // per_update
+    batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])  # the loop's first epoch
+    per_epoch = len(batches) // per_update
     total = tcfg.max_steps or (tcfg.max_epochs * per_epoch if tcfg.max_epochs else None)
     bar = _progress_bar(ctx, total, progress["step"])
     window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
@@ -362,7 +363,8 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     redirect = nullcontext() if bar.disable else logging_redirect_tqdm([logging.getLogger("mt")])
     with redirect:
         while not reason:
-            batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])
+            if batches is None:
+                batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])
             n_updates = len(batches) // per_update
             if n_updates == 0:
                 raise ValueError(f"the train split makes {len(batches)} batches, fewer than one update needs "
@@ -424,6 +426,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
             else:
                 progress["epoch"] += 1
                 progress["epoch_step"] = 0
+                batches = None  # the next epoch's list
                 reason = stop_reason(tcfg, progress)
     bar.close()
     if validated_at != progress["step"]:
