@@ -72,54 +72,84 @@ def _model(args, run_dir: Path):
     return cfg, tok, build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
 
 
+ABLATIONS = ("fused_decoder", "fused_encoder", "fused_loss", "fast_dropout", "fused_adam")
+
+
+class _Trainer:
+    """What the train and profile phases share: the model, its batches, loss, optimizer, and
+    one training step (forward, backward, clip, update) with the --ablate switches applied."""
+
+    def __init__(self, args, run_dir: Path, ablate: frozenset = frozenset()):
+        import torch
+
+        from mt import fused
+        from mt.batches import epoch_batches
+        from mt.config import compose_config
+        from mt.tokenizer import IdCorpus
+        from mt.train import LossModel, resolve_precision
+
+        unknown = ablate - set(ABLATIONS)
+        if unknown:
+            raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))}")
+        self.cfg, self.tok, model = _model(args, run_dir)
+        tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
+        self.corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
+        self.batches = epoch_batches(self.corpus, tcfg, seed=1, epoch=0)
+        self.loss_model = LossModel(model, 0.1).train()
+        model.decoder.use_fused = "fused_decoder" not in ablate
+        model.encoder.use_fused = "fused_encoder" not in ablate
+        if "fast_dropout" in ablate:
+            for m in model.modules():
+                if isinstance(m, fused.Dropout):
+                    m.__class__ = torch.nn.Dropout
+        if "fused_loss" in ablate:
+            self.loss_model.forward = lambda *b: _plain_loss(model, *b)
+        self.model = model
+        self.opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused="fused_adam" not in ablate)
+        self.precision = resolve_precision(args.precision, torch.device("cpu"))
+
+    def batch(self, i: int):
+        import torch
+
+        from mt.batches import collate
+
+        return collate(self.corpus, self.batches[i % len(self.batches)], torch.device("cpu"))
+
+    def forward_backward(self, b) -> None:
+        import torch
+
+        from mt.train import autocast
+
+        with autocast(torch.device("cpu"), self.precision):
+            out = self.loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
+        (out[0] / b.n_tokens).backward()
+
+    def update(self) -> None:
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def phase_train(args, run_dir: Path) -> Dict[str, float]:
-    import torch
-
-    from mt.batches import collate, epoch_batches
-    from mt.config import compose_config
     from mt.model import flops_per_target_token
-    from mt.tokenizer import IdCorpus
-    from mt.train import LossModel
 
-    from mt import fused
-    from mt.train import autocast, resolve_precision
-
-    cfg, tok, model = _model(args, run_dir)
-    tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
-    corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
-    batches = epoch_batches(corpus, tcfg, seed=1, epoch=0)
-    loss_model = LossModel(model, 0.1).train()
-    ablate = set(filter(None, args.ablate.split(",")))
-    unknown = ablate - {"fused_decoder", "fused_encoder", "fused_loss", "fast_dropout", "fused_adam"}
-    if unknown:
-        raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))}")
-    model.decoder.use_fused = "fused_decoder" not in ablate
-    model.encoder.use_fused = "fused_encoder" not in ablate
-    if "fast_dropout" in ablate:
-        for m in model.modules():
-            if isinstance(m, fused.Dropout):
-                m.__class__ = torch.nn.Dropout
-    if "fused_loss" in ablate:
-        loss_model.forward = lambda src, src_len, tgt_in, tgt_out: _plain_loss(model, src, src_len, tgt_in, tgt_out)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused="fused_adam" not in ablate)
-    precision = resolve_precision(args.precision, torch.device("cpu"))
-    tokens, steps = 0, args.warmup + args.train_steps
-    for i in range(steps):
+    ablate = frozenset(filter(None, args.ablate.split(",")))
+    tr = _Trainer(args, run_dir, ablate)
+    tokens = 0
+    for i in range(args.warmup + args.train_steps):
         if i == args.warmup:
             t0, tokens = time.perf_counter(), 0
-        b = collate(corpus, batches[i % len(batches)], torch.device("cpu"))
-        with autocast(torch.device("cpu"), precision):
-            out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
-        (out[0] / b.n_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        b = tr.batch(i)
+        tr.forward_backward(b)
+        tr.update()
         tokens += b.n_tokens
     dt = time.perf_counter() - t0
-    src_per_tgt = float(corpus.lengths["src"].sum() / corpus.lengths["tgt"].sum())
-    flops = flops_per_target_token(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, src_per_tgt,
-                                   float(corpus.lengths["src"].mean() + 1))
-    return {"train.precision": precision, "train.ablate": ",".join(sorted(ablate)) or "none",
+    lengths = tr.corpus.lengths
+    flops = flops_per_target_token(tr.cfg.model, tr.tok.src_vocab_size, tr.tok.tgt_vocab_size,
+                                   float(lengths["src"].sum() / lengths["tgt"].sum()), float(lengths["src"].mean() + 1))
+    return {"train.precision": tr.precision, "train.ablate": ",".join(sorted(ablate)) or "none",
             "train.target_tokens_per_s": tokens / dt, "train.steps_per_s": args.train_steps / dt,
             "train.flops_per_target_token": flops, "train.gflops": tokens / dt * flops / 1e9,
             "train.peak_rss_mb": peak_rss_mb()}
@@ -132,13 +162,7 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
     attentional layer, dropout, autograd and Python) is the remainder."""
     import collections
 
-    import torch
-
     from mt import fused
-    from mt.batches import collate, epoch_batches
-    from mt.config import compose_config
-    from mt.tokenizer import IdCorpus
-    from mt.train import LossModel, autocast, resolve_precision
 
     stats: Dict[str, float] = collections.defaultdict(float)
 
@@ -158,27 +182,17 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
                       (fused.LinearCrossEntropy, "output layer + loss")):
         cls.forward = staticmethod(timed(cls.forward, name))
         cls.backward = staticmethod(timed(cls.backward, name))
-    cfg, tok, model = _model(args, run_dir)
-    tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
-    corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
-    batches = epoch_batches(corpus, tcfg, seed=1, epoch=0)
-    loss_model = LossModel(model, 0.1).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    tr = _Trainer(args, run_dir)
     total = 0.0
     for i in range(args.warmup + args.train_steps):
         if i == args.warmup:
             stats.clear()
             total = 0.0
-        b = collate(corpus, batches[i % len(batches)], torch.device("cpu"))
+        b = tr.batch(i)
         t0 = time.perf_counter()
-        with autocast(torch.device("cpu"), precision):
-            out = loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
-        (out[0] / b.n_tokens).backward()
+        tr.forward_backward(b)
         t1 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        tr.update()
         t2 = time.perf_counter()
         stats["optimizer"] += t2 - t1
         total += t2 - t0
@@ -189,7 +203,7 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
     parts["everything else"] = total - sum(parts.values())
     figures = {f"profile.share.{k}": v / total for k, v in parts.items()}
     figures["profile.step_ms"] = total / args.train_steps * 1000
-    figures["profile.precision"] = precision
+    figures["profile.precision"] = tr.precision
     return figures
 
 
@@ -280,7 +294,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training precision")
     p.add_argument("--ablate", default="", help="turn speed-ups off, for before/after figures: comma list of "
-                   "fused_decoder, fused_encoder, fused_loss, fast_dropout, fused_adam")
+                   + ", ".join(ABLATIONS))
     p.add_argument("--repeat", type=int, default=3, help="decoding runs per phase (the median is reported)")
     p.add_argument("--checkpoint", help="decode with these weights instead of untrained ones")
     p.add_argument("--int8", action="store_true", help="decode with int8 dynamic quantization")
