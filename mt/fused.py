@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from mt.attention import additive_scores
+
 
 # --- matrix products in the compute dtype (bf16 under autocast), everything else in float32 -----
 
@@ -102,7 +104,7 @@ def cell_backward(kind: str, dh: Tensor, dc: Optional[Tensor], saved):
 def attn_forward(additive: bool, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, v: Optional[Tensor]):
     """q: B x A (additive: the projected query) or B x H; returns context and weights."""
     if additive:
-        scores = torch.matmul(torch.tanh(keys + q.unsqueeze(1)), v) + bias  # B x S
+        scores = additive_scores(keys, q, v) + bias  # B x S
     else:
         scores = torch.baddbmm(bias.unsqueeze(1), q.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
     a = torch.softmax(scores, dim=1)
@@ -120,12 +122,19 @@ def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: T
         da = da + da_extra
     dvalues.baddbmm_(a.unsqueeze(2), dctx.unsqueeze(1))  # += a^T dctx per sentence
     ds = a * (da - (a * da).sum(dim=1, keepdim=True))
-    if additive:
-        energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A, as in the forward pass
-        dv.add_(torch.mm(ds.reshape(1, -1), energy.reshape(-1, energy.shape[2])).squeeze(0))
-        dpre = ds.unsqueeze(2) * v * (1 - energy * energy)
-        dkeys.add_(dpre)
-        return dpre.sum(dim=1), ds
+    if additive:  # in row blocks that stay in cache, as additive_scores does
+        batch, src_len, size = keys.shape
+        rows = max(1, (1 << 18) // max(1, src_len * size))
+        buf = keys.new_empty(min(rows, batch), src_len, size)
+        dq = q.new_empty(batch, size)
+        for i in range(0, batch, rows):
+            j = min(batch, i + rows)
+            energy = torch.add(keys[i:j], q[i:j].unsqueeze(1), out=buf[:j - i]).tanh_()  # as in forward
+            dv.add_(torch.mm(ds[i:j].reshape(1, -1), energy.reshape(-1, size)).squeeze(0))
+            dpre = energy.mul_(energy).neg_().add_(1).mul_(v).mul_(ds[i:j].unsqueeze(2))  # ds v (1 - e^2)
+            dkeys[i:j].add_(dpre)
+            torch.sum(dpre, dim=1, out=dq[i:j])
+        return dq, ds
     dkeys.baddbmm_(ds.unsqueeze(2), q.unsqueeze(1))
     return torch.bmm(ds.unsqueeze(1), keys).squeeze(1), ds
 

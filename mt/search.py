@@ -53,6 +53,34 @@ def _log_probs(logits: Tensor, step: int, min_len: int, forced_end: Tensor) -> T
     return logp
 
 
+def _row_candidates(logits: Tensor, step: int, min_len: int, forced_end: Tensor, m: int):
+    """The m best tokens of each row and their log-probabilities, as _log_probs would rank them
+    (EOS blocked before min_len, forced at the cap), without writing a rows x V log-softmax:
+    the best m of a sentence's k x V continuations are among its rows' best m each, so beam
+    search takes the top m per row, then the top m of those k x m (two small top-k's instead of
+    one over k x V); log-softmax is a shift per row, so it is applied to the m values only.
+    Consumes `logits` (rows x V, overwritten in place: a fresh buffer of that size per step
+    costs more than the arithmetic)."""
+    logits = logits.float()
+    eos = logits[:, EOS_ID].clone()
+    if step < min_len:
+        logits[:, EOS_ID] = -math.inf
+    top, tok = logits.topk(min(m, logits.shape[1]), dim=1)
+    # log-sum-exp over the original row (EOS included, as log_softmax normalises), in place
+    mx = torch.maximum(logits.amax(dim=1), eos)
+    total = logits.sub_(mx[:, None]).exp_().sum(dim=1)
+    if step < min_len:
+        total += torch.exp(eos - mx)
+    lse = total.log_().add_(mx)
+    logp = top - lse[:, None]
+    if forced_end.any():  # only EOS, with its log-probability (0 where it was blocked)
+        eos_logp = torch.where(torch.isinf(eos[forced_end]), 0.0, eos[forced_end] - lse[forced_end])
+        logp[forced_end] = -math.inf
+        logp[forced_end, 0] = eos_logp if step >= min_len else 0.0
+        tok[forced_end, 0] = EOS_ID
+    return logp, tok
+
+
 @torch.no_grad()
 def greedy_search(model, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
                   min_len: int = 0) -> List[List[Hypothesis]]:
@@ -147,11 +175,11 @@ def beam_search(model, src: Tensor, src_len: Tensor, beam_size: int = 5, alpha: 
         n = sent.numel()
         logits, state, _ = model.step(tokens, state, enc)
         forced = (limit[sent] <= step + 1).repeat_interleave(k)
-        logp = _log_probs(logits, step, min_len, forced)  # (n*k) x V
-        vocab = logp.shape[1]
-        cand = (scores.view(-1, 1) + logp).view(n, k * vocab)
+        row_logp, row_tok = _row_candidates(logits, step, min_len, forced, 2 * k)  # (n*k) x 2k
+        m = row_logp.shape[1]  # 2k, or the vocabulary if smaller
+        cand = (scores.view(-1, 1) + row_logp).view(n, k * m)
         top_scores, top_idx = cand.topk(2 * k, dim=1)  # 2k: at least k do not end here
-        top_beam, top_tok = top_idx // vocab, top_idx % vocab
+        top_beam, top_tok = top_idx // m, row_tok.view(n, k * m).gather(1, top_idx)
         ends = (top_tok == EOS_ID) & (torch.arange(2 * k, device=device) < k) & ~torch.isinf(top_scores)
         done = limit[sent] <= step + 1  # at the length cap every beam is made to end
         if ends.any():
