@@ -52,6 +52,11 @@ class Attention(nn.Module):
 
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
         """query: B x Q (one step) or B x T x Q (all steps); bias: B x S from `mask_bias`."""
+        if query.dim() == 2 and not torch.is_grad_enabled() and torch.is_autocast_enabled(query.device.type):
+            # decoding under autocast: a step's attention is matrix-vector work, bound by memory,
+            # not arithmetic; bf16 there only adds casts (and bf16 tanh is slow on CPUs): float32
+            with torch.autocast(query.device.type, enabled=False):
+                return self.forward(query.to(values.dtype), keys.to(values.dtype), values, bias.to(values.dtype))
         batch, src_len = bias.shape
         assert query.shape[0] == batch and keys.shape[:2] == (batch, src_len), (
             f"attention shapes: query {tuple(query.shape)}, keys {tuple(keys.shape)}, mask {tuple(bias.shape)}")

@@ -39,6 +39,11 @@ class Seq2Seq(nn.Module):
         """src: batch x src_len ids (PAD after the end); src_len: batch."""
         outputs, summary, summary_cell = self.encoder(src, src_len)
         keys = self.decoder.attention.project_keys(outputs)  # once per batch, not per step
+        if not torch.is_grad_enabled() and torch.is_autocast_enabled(src.device.type):
+            # decoding under autocast: attention runs in float32 (see Attention.forward), so
+            # cast keys and values once per batch rather than at every step
+            dtype = self.decoder.rnn.weight_hh_l0.dtype
+            outputs, keys = outputs.to(dtype), keys.to(dtype)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_len.to(src.device)[:, None]
         return EncoderOut(outputs, keys, mask_bias(mask, outputs.dtype), summary, summary_cell)
 

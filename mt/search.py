@@ -111,13 +111,15 @@ def sample_search(model, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, m
     step = 0
     while alive.numel():
         logits, state, _ = model.step(tokens, state, enc)
-        logp = _log_probs(logits, step, min_len, limit[alive] <= step + 1)
-        if greedy:
-            tokens = logp.argmax(dim=-1)
+        if greedy:  # the best token and its log-probability, without a rows x V log-softmax
+            best_logp, best = _row_candidates(logits, step, min_len, limit[alive] <= step + 1, 1)
+            tokens, token_logp = best[:, 0], best_logp[:, 0]
         else:
+            logp = _log_probs(logits, step, min_len, limit[alive] <= step + 1)
             tokens = torch.multinomial(_filtered_probs(logp, temperature, top_k, top_p), 1,
                                        generator=generator).squeeze(1)
-        logprob[alive] += logp.gather(1, tokens[:, None]).squeeze(1)
+            token_logp = logp.gather(1, tokens[:, None]).squeeze(1)
+        logprob[alive] += token_logp
         finished = tokens == EOS_ID
         for row, tok, done in zip(alive.tolist(), tokens.tolist(), finished.tolist()):
             if done:

@@ -142,3 +142,14 @@ def test_scheduled_sampling_with_ratio_one_is_teacher_forcing():
         c, _ = model(src, src_len, tgt_in, tf_ratio=0.0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(a[:, 2:], c[:, 2:])  # own predictions differ from the reference
+
+
+def test_additive_scores_in_row_blocks_equal_the_formula():
+    """Decoding computes v . tanh(keys + q) in cache-sized blocks of rows, in place."""
+    from mt.attention import additive_scores
+
+    torch.manual_seed(0)
+    keys, q, v = torch.randn(70, 37, 256), torch.randn(70, 256), torch.randn(256)  # 70 rows: several blocks
+    expected = torch.tanh(keys + q.unsqueeze(1)) @ v
+    assert torch.allclose(additive_scores(keys, q, v), expected, atol=1e-5)
+    assert torch.allclose(additive_scores(keys[:3], q[:3], v), expected[:3], atol=1e-5)  # one block

@@ -151,3 +151,22 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert all(len(x) == 3 for x in a)
     top1 = sample_search(model, src, lens, seed=3, top_k=1)
     assert [h[0].tokens for h in top1] == [h[0].tokens for h in greedy_search(model, src, lens)]
+
+
+@pytest.mark.parametrize("step,min_len", [(0, 0), (0, 3), (5, 3)])
+def test_row_candidates_equal_the_top_of_the_log_softmax(step, min_len):
+    """Beam search's shortcut (top m of the raw logits, then the log-sum-exp shift) ranks and
+    scores exactly as a full log-softmax with EOS blocked / forced would."""
+    from mt.search import _log_probs, _row_candidates
+
+    torch.manual_seed(step + min_len)
+    logits = torch.randn(6, 50) * 3
+    logits[1, EOS_ID] = 10.0  # EOS is the best token of row 1
+    forced = torch.tensor([False, True, False, False, True, False])
+    ref = _log_probs(logits.clone(), step, min_len, forced)
+    logp, tok = _row_candidates(logits.clone(), step, min_len, forced, 4)
+    free = ~forced
+    assert torch.allclose(logp[free], ref[free].gather(1, tok[free]), atol=1e-5)  # the tokens' scores
+    assert torch.allclose(logp[free], ref[free].topk(4, dim=1).values, atol=1e-5)  # ... the best ones
+    assert (tok[forced, 0] == EOS_ID).all() and torch.isinf(logp[forced, 1:]).all()
+    assert torch.allclose(logp[forced, 0], ref[forced, EOS_ID])
