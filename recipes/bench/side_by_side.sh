@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bash recipes/bench/side_by_side.sh [OUT_DIR]
 # Peers and ours in one sitting, interleaved (the machine's speed drifts by 10-30% within
-# minutes): ours, Joey NMT, ours, OpenNMT-py, ours, ours-LSTM, fairseq, ours-LSTM. Needs the peer
+# minutes): ours, Joey NMT, ours, OpenNMT-py, ours, ours-LSTM, fairseq, ours-LSTM. Each "ours"
+# is training fp32 and bf16, decoding float32, and decoding with --bf16 --shortlist 1000. Needs the peer
 # harness of ../shared/bench/peers (its setup_envs.sh run once). Prints RESULT lines of the peers
 # and our figures; `python recipes/bench/summarize.py OUT_DIR` turns them into ratio tables.
 set -u
@@ -19,6 +20,10 @@ ours() {  # tag model
       --out "$OUT/ours_$1_$prec.json" > "$OUT/ours_$1_$prec.txt" 2> "$OUT/ours_$1_$prec.err"
     echo "[side-by-side] ours $1 $2 $prec: $(grep target_tokens_per_s "$OUT/ours_$1_$prec.txt")"
   done
+  # decoding with the inference options (BLEU cost on a trained model: recipes/bench/decode_options.py)
+  "$MT_BENCH" --model "$2" --phases 1:64,5:64 --fixed-len 20 --bf16 --shortlist 1000 \
+    --out "$OUT/ours_$1_fast.json" > "$OUT/ours_$1_fast.txt" 2> "$OUT/ours_$1_fast.err"
+  echo "[side-by-side] ours $1 $2 --bf16 --shortlist 1000: $(grep beam5.batch64.sentences "$OUT/ours_$1_fast.txt")"
 }
 peer() {  # name
   PEERS="$1" SKIP_SETUP=1 BENCH_OUT="$OUT/$1" DECODES="1:64:20 5:64:20" bash "$PEERS_DIR/run_peers.sh" \

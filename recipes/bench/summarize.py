@@ -43,6 +43,12 @@ def ours(out: Path, tag: str):
                 for mode, key in (("greedy", "decode.greedy.batch64"), ("beam5", "decode.beam5.batch64")):
                     if f"{key}.sentences_per_s" in d:
                         f[f"{mode}.batch64"] = (d[f"{key}.sentences_per_s"], d[f"{key}.peak_rss_mb"])
+    p = out / f"ours_{tag}_fast.json"  # decoding with --bf16 --shortlist 1000
+    if p.is_file():
+        d = json.loads(p.read_text())
+        for mode, key in (("greedy", "decode.greedy.batch64"), ("beam5", "decode.beam5.batch64")):
+            if f"{key}.sentences_per_s" in d:
+                f[f"{mode}.batch64.fast"] = (d[f"{key}.sentences_per_s"], d[f"{key}.peak_rss_mb"])
     return f
 
 
@@ -55,6 +61,10 @@ def main(out: Path) -> None:
                                     ("train", "training, target tokens/s (ours bf16)", "train.bf16"),
                                     ("greedy.batch64", "greedy, sentences/s (batch 64, 20 tokens)", "greedy.batch64"),
                                     ("beam5.batch64", "beam 5, sentences/s (batch 64, 20 tokens)", "beam5.batch64"),
+                                    ("greedy.batch64", "greedy, sentences/s (ours --bf16 --shortlist 1000)",
+                                     "greedy.batch64.fast"),
+                                    ("beam5.batch64", "beam 5, sentences/s (ours --bf16 --shortlist 1000)",
+                                     "beam5.batch64.fast"),
                                     ("train", "training peak RSS, MB", "rss")):
             if key not in p:
                 continue
