@@ -22,13 +22,18 @@ def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def energy_block_rows(src_len: int, size: int) -> int:
+    """Rows of a B x S x A additive energy per block: about 1 MB of float32, so it stays in cache."""
+    return max(1, (1 << 18) // max(1, src_len * size))
+
+
 def additive_scores(keys: Tensor, q: Tensor, v: Tensor) -> Tensor:
     """v . tanh(keys + q) for one step, without autograd: keys B x S x A, q B x A (projected
     query), v A -> B x S. The B x S x A energy is made a block of rows at a time, in place, in a
     buffer that stays in cache: written whole, it makes three passes over memory and was 4x
     slower (in beam search, rows are beams x sentences and this was a fifth of the time)."""
     batch, src_len, size = keys.shape
-    rows = max(1, (1 << 18) // max(1, src_len * size))  # about 1 MB of float32 per block
+    rows = energy_block_rows(src_len, size)
     v = v.to(keys.dtype)
     if rows >= batch:
         return torch.matmul(torch.add(keys, q.unsqueeze(1)).tanh_(), v)

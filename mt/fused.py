@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from mt.attention import additive_scores
+from mt.attention import additive_scores, energy_block_rows
 
 
 # --- matrix products in the compute dtype (bf16 under autocast), everything else in float32 -----
@@ -124,7 +124,7 @@ def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: T
     ds = a * (da - (a * da).sum(dim=1, keepdim=True))
     if additive:  # in row blocks that stay in cache, as additive_scores does
         batch, src_len, size = keys.shape
-        rows = max(1, (1 << 18) // max(1, src_len * size))
+        rows = energy_block_rows(src_len, size)
         buf = keys.new_empty(min(rows, batch), src_len, size)
         dq = q.new_empty(batch, size)
         for i in range(0, batch, rows):
