@@ -27,6 +27,26 @@ from mt.encoder import EncoderOut, make_rnn
 from mt.fused import Dropout
 
 GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
+EMB_TABLE_MAX_MB = 256  # freeze(): the largest embedding-product table kept for decoding
+
+
+class Projection:
+    """x -> x W^T + b for decoding: detached, contiguous weights; under autocast, their copy in
+    the autocast dtype is made once rather than at every step."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        self.weight = weight.detach().contiguous()
+        self.bias = None if bias is None else bias.detach()
+        self.cast: dict = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if dtype not in self.cast:
+                self.cast[dtype] = (self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            w, b = self.cast[dtype]
+            return F.linear(x.to(dtype), w, b)
+        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass
@@ -92,22 +112,35 @@ class RecurrentDecoder(nn.Module):
     def embed_inputs(self, tokens: Tensor) -> Tensor:
         """Input-side gate pre-activations of the first layer from the embeddings alone.
         tokens: batch [x T] -> batch [x T] x gates*hidden (includes the input bias)."""
-        w = self.frozen["w_emb"] if self.frozen else self.rnn.weight_ih_l0[:, :self.emb_size]
+        if self.frozen and self.frozen["emb_table"] is not None:
+            return F.embedding(tokens, self.frozen["emb_table"])  # a row per token, no product
+        w = self.rnn.weight_ih_l0[:, :self.emb_size]
         return F.linear(self.emb_dropout(self.embedding(tokens)), w, self.rnn.bias_ih_l0)
 
     def feed_weight(self) -> Optional[Tensor]:
         """The first layer's input weights for the fed vector (a view: take it once per batch,
         so autograd accumulates one gradient for it instead of one full-size one per step)."""
-        if self.frozen:
-            return self.frozen["w_feed"]
         return self.rnn.weight_ih_l0[:, self.emb_size:] if self.feed_size else None
 
     def freeze(self) -> None:
-        """For inference: contiguous copies of the split input weights, made once instead of a
-        strided product every step. Switching back to training drops them."""
-        w = self.rnn.weight_ih_l0.detach()
-        self.frozen = {"w_emb": w[:, :self.emb_size].contiguous(),
-                       "w_feed": w[:, self.emb_size:].contiguous() if self.feed_size else None}
+        """For inference (dropped again by train()): the products a step makes, as Projection
+        objects with contiguous weights (mt.inference.quantize_int8 swaps them for int8 ones),
+        and the first layer's embedding product for the whole target vocabulary as a table
+        (V x gates*hidden), so a step gathers rows instead of multiplying, unless the table
+        would be large (EMB_TABLE_MAX_MB)."""
+        rnn, emb = self.rnn, self.emb_size
+        w = rnn.weight_ih_l0.detach()
+        table = None
+        if self.embedding.num_embeddings * w.shape[0] * 4 <= EMB_TABLE_MAX_MB * 2 ** 20:
+            with torch.no_grad():
+                table = F.linear(self.embedding.weight, w[:, :emb], rnn.bias_ih_l0)
+        self.frozen = {
+            "emb_table": table,
+            "feed": Projection(w[:, emb:], None) if self.feed_size else None,
+            "hh": [Projection(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}")) for i in range(self.layers)],
+            "ih": [None] + [Projection(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"))
+                            for i in range(1, self.layers)],
+        }
 
     def train(self, mode: bool = True) -> "RecurrentDecoder":
         if mode:
@@ -116,7 +149,10 @@ class RecurrentDecoder(nn.Module):
 
     def _cell(self, gx: Tensor, h: Tensor, c: Optional[Tensor], layer: int):
         """One layer, one step: gx = input-side pre-activations (batch x gates*hidden)."""
-        gh = F.linear(h, getattr(self.rnn, f"weight_hh_l{layer}"), getattr(self.rnn, f"bias_hh_l{layer}"))
+        if self.frozen:
+            gh = self.frozen["hh"][layer](h)
+        else:
+            gh = F.linear(h, getattr(self.rnn, f"weight_hh_l{layer}"), getattr(self.rnn, f"bias_hh_l{layer}"))
         if self.cell == "gru":  # gate order r, z, n, as in nn.GRU
             n_h = self.hidden_size
             gx_rz, gx_n = gx.split([2 * n_h, n_h], dim=1)
@@ -142,13 +178,17 @@ class RecurrentDecoder(nn.Module):
             fed = context
         else:
             fed = state.feed
-        if fed is not None:
+        if fed is not None and self.frozen:
+            gx0 = gx0 + self.frozen["feed"](fed)
+        elif fed is not None:
             gx0 = gx0 + F.linear(fed, w_feed if w_feed is not None else self.feed_weight())
         hidden: List[Tensor] = []
         cells: List[Tensor] = []
         x = gx0
         for layer in range(self.layers):
-            if layer > 0:  # nn.GRU semantics: dropout between layers
+            if layer > 0 and self.frozen:
+                x = self.frozen["ih"][layer](hidden[-1])
+            elif layer > 0:  # nn.GRU semantics: dropout between layers
                 x = F.linear(self.dropout(hidden[-1]), getattr(self.rnn, f"weight_ih_l{layer}"),
                              getattr(self.rnn, f"bias_ih_l{layer}"))
             h, c = self._cell(x, state.hidden[layer], state.cell[layer] if state.cell else None, layer)

@@ -1,6 +1,6 @@
 """CPU inference options of `mt-translate`: int8 dynamic quantization and a vocabulary shortlist.
 
-    mt-translate -m runs/x --int8            # int8 weights for the encoder, attention, output layer
+    mt-translate -m runs/x --int8            # int8 weights for every matrix product of decoding
     mt-translate -m runs/x --shortlist 1000  # score only ~1-2k likely target pieces per batch
 
 Both trade a little accuracy for speed, so neither is on by default; recipes/README.md reports
@@ -20,9 +20,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mt.decoder import Projection
 from mt.tokenizer import EOS_ID, IdCorpus
 
 log = logging.getLogger("mt.inference")
@@ -30,21 +30,45 @@ SAMPLE_PAIRS = 200_000  # co-occurrence statistics from at most this many traini
 PER_SOURCE = 20  # target candidates kept per source piece
 
 
+def int8_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Module:
+    """x -> x W^T + b with W in int8 (per-tensor scale) and x quantized per call (dynamic)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.detach())
+    return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization (weights int8, activations quantized per batch) of the linear
-    layers (attention, attentional layer, output layer, bridge) and of the encoder RNN. The
-    decoder cell keeps float32 weights: the step computes its gates from them directly."""
+    """Dynamic int8 quantization (weights int8, activations quantized per call) of every matrix
+    product of decoding: the encoder RNN, the decoder cell's products of a step (the fed vector's
+    and the recurrent ones, in the decoder's inference cache), attention, the attentional layer,
+    the output layer (kept in float32 too, for the shortlist to slice) and the bridge. The first
+    layer's embedding products stay a float table lookup (RecurrentDecoder.freeze)."""
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")
-    model.decoder.output_float = (model.decoder.output_layer.weight, model.decoder.output_layer.bias)
+    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
+    dec = model.decoder
+    if dec.frozen is None:
+        dec.freeze()
+    dec.output_float = (dec.output_layer.weight, dec.output_layer.bias)
     quantize_dynamic(model.encoder, {nn.GRU, nn.LSTM, nn.RNN}, dtype=torch.qint8, inplace=True)
-    for name in ("attention", "att_layer", "output_layer", "bridge_h", "bridge_c"):
-        module = getattr(model.decoder, name)
+    quantize_dynamic(dec.attention, {nn.Linear}, dtype=torch.qint8, inplace=True)  # its Linear children
+    for name in ("att_layer", "output_layer", "bridge_h", "bridge_c"):  # (quantize_dynamic swaps
+        module = getattr(dec, name)  # children only: a bare Linear goes through int8_linear)
         if module is not None:
-            setattr(model.decoder, name, quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8))
+            setattr(dec, name, int8_linear(module.weight.detach(), module.bias))
+    frozen = dec.frozen
+    to_int8 = lambda p: None if p is None else int8_linear(p.weight, p.bias)  # noqa: E731
+    frozen["feed"] = to_int8(frozen["feed"])
+    frozen["hh"] = [to_int8(p) for p in frozen["hh"]]
+    frozen["ih"] = [to_int8(p) for p in frozen["ih"]]
     return model
 
 
@@ -95,8 +119,10 @@ class ShortlistModel:
     def __init__(self, model, ids: Tensor):
         self.model, self.ids = model, ids
         dec = model.decoder
+        quantized = hasattr(dec, "output_float")  # quantize_int8 ran: the sliced layer is int8 too
         weight, bias = getattr(dec, "output_float", (dec.output_layer.weight, dec.output_layer.bias))
-        self.weight, self.bias = weight[ids], (bias[ids] if bias is not None else None)
+        weight, bias = weight.detach()[ids], (bias.detach()[ids] if bias is not None else None)
+        self.project = int8_linear(weight, bias) if quantized else Projection(weight, bias)
 
     def encode(self, src, src_len):
         return self.model.encode(src, src_len)
@@ -107,7 +133,7 @@ class ShortlistModel:
     def step(self, tokens: Tensor, state, enc):
         dec = self.model.decoder
         att, state, weights = dec.step(dec.embed_inputs(self.ids[tokens]), state, enc)
-        return F.linear(att, self.weight, self.bias), state, weights
+        return self.project(att), state, weights
 
     def reorder_state(self, state, index):
         return self.model.reorder_state(state, index)

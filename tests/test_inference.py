@@ -114,3 +114,19 @@ def test_int8_stays_close(arch):
     quantized = step_logits(quantize_int8(model), src, lens)
     cos = torch.nn.functional.cosine_similarity(full.flatten(1), quantized.flatten(1), dim=1)
     assert cos.min() > 0.99, cos
+
+
+def test_int8_covers_the_decoder_cell_and_a_shortlist_of_it_is_its_logits_at_those_ids():
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    model, (src, lens) = tiny_model(decoder="luong", attention="bahdanau", input_feeding=True, dec_layers=2), batch()
+    quantize_int8(model)
+    frozen = model.decoder.frozen
+    dec = model.decoder
+    every_product = [frozen["feed"], *frozen["hh"], frozen["ih"][1], dec.att_layer, dec.output_layer,
+                     dec.bridge_h, dec.attention.query_layer, dec.attention.key_layer]
+    assert all(isinstance(p, Int8Linear) for p in every_product)
+    full = step_logits(model, src, lens)
+    short = step_logits(ShortlistModel(model, torch.arange(V)), src, lens)  # an int8 copy of the same layer
+    assert isinstance(ShortlistModel(model, torch.arange(V)).project, Int8Linear)
+    assert torch.allclose(short, full, atol=1e-4)
