@@ -170,3 +170,19 @@ def test_row_candidates_equal_the_top_of_the_log_softmax(step, min_len):
     assert torch.allclose(logp[free], ref[free].topk(4, dim=1).values, atol=1e-5)  # ... the best ones
     assert (tok[forced, 0] == EOS_ID).all() and torch.isinf(logp[forced, 1:]).all()
     assert torch.allclose(logp[forced, 0], ref[forced, EOS_ID])
+
+
+@pytest.mark.parametrize("width", [7, 50, 160, 163, 1000, 3517])
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_topk_rows_has_the_values_of_topk(width, k):
+    from mt.search import topk_rows
+
+    g = torch.Generator().manual_seed(width * 31 + k)
+    x = torch.randn(37, width, generator=g)
+    x[:, 3 % width] = -math.inf  # a blocked column (EOS) stays out of the top
+    x[5] = x[5].round()  # many ties in one row
+    top, idx = topk_rows(x, min(k, width))
+    ref = x.topk(min(k, width), dim=1).values
+    assert torch.equal(top, ref)
+    assert torch.equal(x.gather(1, idx), top)  # the indices point at those values ...
+    assert all(len(set(row)) == len(row) for row in idx.tolist())  # ... each column at most once
