@@ -28,22 +28,23 @@ def energy_block_rows(src_len: int, size: int) -> int:
 
 
 def additive_scores(keys: Tensor, q: Tensor, v: Tensor) -> Tensor:
-    """v . tanh(keys + q) for one step, without autograd: keys B x S x A, q B x A (projected
-    query), v A -> B x S. The B x S x A energy is made a block of rows at a time, in place, in a
-    buffer that stays in cache: written whole, it makes three passes over memory and was 4x
-    slower (in beam search, rows are beams x sentences and this was a fifth of the time)."""
+    """v . tanh(keys + q) without autograd: keys B x S x A, q B x A (one projected query per
+    source) or B x T x A (several: a sentence's beams), v A -> B x S or B x T x S. The energy
+    is made a block of sources at a time, in place, in a buffer that stays in cache: written
+    whole, it makes three passes over memory and was 4x slower (in beam search, this was a
+    fifth of the time)."""
     batch, src_len, size = keys.shape
-    rows = energy_block_rows(src_len, size)
+    q3 = q if q.dim() == 3 else q.unsqueeze(1)  # B x T x A
+    per_source = q3.shape[1]
+    rows = energy_block_rows(src_len * per_source, size)
     v = v.to(keys.dtype)
-    if rows >= batch:
-        return torch.matmul(torch.add(keys, q.unsqueeze(1)).tanh_(), v)
-    out = keys.new_empty(batch, src_len)
-    buf = keys.new_empty(rows, src_len, size)
+    out = keys.new_empty(batch, per_source, src_len)
+    buf = keys.new_empty(min(rows, batch), per_source, src_len, size)
     for i in range(0, batch, rows):
         j = min(batch, i + rows)
-        energy = torch.add(keys[i:j], q[i:j].unsqueeze(1), out=buf[:j - i]).tanh_()
+        energy = torch.add(keys[i:j].unsqueeze(1), q3[i:j].unsqueeze(2), out=buf[:j - i]).tanh_()
         torch.matmul(energy, v, out=out[i:j])
-    return out
+    return out if q.dim() == 3 else out.squeeze(1)
 
 
 class Attention(nn.Module):
@@ -62,6 +63,12 @@ class Attention(nn.Module):
             # not arithmetic; bf16 there only adds casts (and bf16 tanh is slow on CPUs): float32
             with torch.autocast(query.device.type, enabled=False):
                 return self.forward(query.to(values.dtype), keys.to(values.dtype), values, bias.to(values.dtype))
+        if query.dim() == 2 and query.shape[0] != keys.shape[0]:
+            # decoding with `group` rows per source (EncoderOut.group, beam search): each source's
+            # rows are its queries, so keys and values are read once per source, not per beam
+            sources, width = keys.shape[0], query.shape[1]
+            context, weights = self.forward(query.view(sources, -1, width), keys, values, bias)
+            return context.reshape(query.shape[0], -1), weights.reshape(query.shape[0], -1)
         batch, src_len = bias.shape
         assert query.shape[0] == batch and keys.shape[:2] == (batch, src_len), (
             f"attention shapes: query {tuple(query.shape)}, keys {tuple(keys.shape)}, mask {tuple(bias.shape)}")
@@ -89,10 +96,10 @@ class AdditiveAttention(Attention):
 
     def scores(self, query: Tensor, keys: Tensor) -> Tensor:
         q = self.query_layer(query)
-        if query.dim() == 2 and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):
+        if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):  # no autograd
             w = self.energy_layer.weight
             w = w if isinstance(w, Tensor) else w().dequantize()  # int8 (mt.inference): a method
-            return additive_scores(keys, q.to(keys.dtype), w[0])  # decoding
+            return additive_scores(keys, q.to(keys.dtype), w[0])
         if query.dim() == 2:
             energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
         else:

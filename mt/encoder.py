@@ -9,7 +9,7 @@ sentence is the state after its last real token, whatever the batch's longest se
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -36,17 +36,45 @@ def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: floa
 
 @dataclass
 class EncoderOut:
-    """What the decoder attends to; every field has the batch in dimension 0."""
+    """What the decoder attends to, with the batch in dimension 0. Decoding may give one source
+    several consecutive decoder rows (beam search: a sentence's beams): then `group` > 1 and
+    the tensors attention reads stay one per source (n), while the rest has one per row (n x group).
+    Copying the source's encoding for every beam made a beam step's attention read k times the
+    memory, and that, not arithmetic, was its cost."""
 
-    outputs: Tensor  # batch x src_len x enc_size
-    keys: Tensor  # batch x src_len x key_size: attention keys, projected once
-    bias: Tensor  # batch x src_len: 0 at tokens, -inf at padding (added to scores)
-    summary: Tensor  # batch x enc_size (hidden state summary for the bridge)
-    summary_cell: Optional[Tensor] = None  # batch x enc_size (LSTM cell state summary)
+    outputs: Tensor  # sources x src_len x enc_size
+    keys: Tensor  # sources x src_len x key_size: attention keys, projected once
+    bias: Tensor  # sources x src_len: 0 at tokens, -inf at padding (added to scores)
+    summary: Tensor  # rows x enc_size (hidden state summary for the bridge)
+    summary_cell: Optional[Tensor] = None  # rows x enc_size (LSTM cell state summary)
+    group: int = 1  # decoder rows per source: rows i * group ... (i + 1) * group - 1 read source i
 
     def index_select(self, index: Tensor) -> "EncoderOut":
-        return replace(self, **{f.name: getattr(self, f.name).index_select(0, index)
-                                for f in fields(self) if getattr(self, f.name) is not None})
+        """The encoding for new decoder rows (row r of the result is row index[r] of this one).
+        Where the new rows come in runs of one source each, all runs of one length (beam search's
+        expansion to k beams, and its dropping of finished sentences), the per-source tensors
+        are not copied per row; otherwise (e.g. samples that finish one by one) they are."""
+        source = index // self.group  # the source each new row reads
+        group = _run_length(source)
+        source = source[::group]
+        per_row = {f: getattr(self, f).index_select(0, index) for f in ("summary", "summary_cell")
+                   if getattr(self, f) is not None}
+        if source.numel() == self.keys.shape[0] and bool((source == torch.arange(source.numel(), device=source.device)).all()):
+            return replace(self, group=group, **per_row)  # the same sources: no copy
+        return replace(self, group=group, outputs=self.outputs.index_select(0, source),
+                       keys=self.keys.index_select(0, source), bias=self.bias.index_select(0, source), **per_row)
+
+
+def _run_length(source: Tensor) -> int:
+    """g if `source` is made of runs of g equal entries (source[i * g ... i * g + g - 1] equal), else 1."""
+    n = source.numel()
+    if n == 0:
+        return 1
+    differs = (source != source[0]).nonzero()
+    g = int(differs[0]) if differs.numel() else n
+    if g <= 1 or n % g or not bool((source.view(-1, g) == source[::g, None]).all()):
+        return 1
+    return g
 
 
 class RecurrentEncoder(nn.Module):

@@ -153,3 +153,49 @@ def test_additive_scores_in_row_blocks_equal_the_formula():
     expected = torch.tanh(keys + q.unsqueeze(1)) @ v
     assert torch.allclose(additive_scores(keys, q, v), expected, atol=1e-5)
     assert torch.allclose(additive_scores(keys[:3], q[:3], v), expected[:3], atol=1e-5)  # one block
+
+
+def test_additive_scores_of_several_queries_per_source_equal_the_formula():
+    from mt.attention import additive_scores
+
+    torch.manual_seed(1)
+    keys, q, v = torch.randn(30, 23, 64), torch.randn(30, 5, 64), torch.randn(64)  # 5 queries per source
+    expected = torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2)) @ v  # 30 x 5 x 23
+    assert torch.allclose(additive_scores(keys, q, v), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(cell="lstm", decoder="luong", attention="general"),
+                                  dict(decoder="luong", attention="dot", enc_hidden=10, dec_hidden=20)])
+def test_rows_that_share_a_source_read_one_copy_of_it_and_step_as_if_copied(arch):
+    """Beam search expands each sentence to k rows and later drops finished sentences: the
+    encoding then stays one per sentence (EncoderOut.group), and a step gives what it gives
+    with the encoding copied to every row."""
+    from dataclasses import replace
+
+    from test_search import batch, tiny_model
+
+    model, (src, lens) = tiny_model(**arch), batch()
+    k, n = 3, src.shape[0]
+    with torch.no_grad():
+        enc = model.encode(src, lens)
+        expand = torch.arange(n).repeat_interleave(k)
+        grouped = model.reorder_encoder(enc, expand)
+        assert grouped.group == k and grouped.keys.data_ptr() == enc.keys.data_ptr()  # not copied
+        copied = replace(grouped, outputs=enc.outputs[expand], keys=enc.keys[expand], bias=enc.bias[expand], group=1)
+        keep = torch.tensor([0, 2, 5])  # sentences that go on: their rows, still in groups of k
+        rows = (keep[:, None] * k + torch.arange(k)).view(-1)
+        for e in (grouped, copied):
+            assert e.summary.shape[0] == n * k
+        kept = model.reorder_encoder(grouped, rows)
+        assert kept.group == k and kept.keys.shape[0] == len(keep)
+        state = model.init_state(grouped)
+        tokens = torch.randint(4, 40, (n * k,))
+        a, state_a, w_a = model.step(tokens, state, grouped)
+        b, state_b, w_b = model.step(tokens, state, copied)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(w_a, w_b)
+        a2, _, _ = model.step(tokens[rows], model.reorder_state(state_a, rows), kept)
+        b2, _, _ = model.step(tokens[rows], model.reorder_state(state_b, rows), model.reorder_encoder(copied, rows))
+        torch.testing.assert_close(a2, b2)
+        scattered = model.reorder_encoder(grouped, torch.tensor([4, 0, 7]))  # rows of no common pattern
+        assert scattered.group == 1 and torch.equal(scattered.keys, enc.keys[torch.tensor([1, 0, 2])])
