@@ -114,8 +114,9 @@ def test_fused_encoder_matches_packed_torch_rnn(arch):
         torch.testing.assert_close(g[name], g_ref[name], msg=name)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_linear_cross_entropy_matches_autograd(eps, monkeypatch):
+def test_linear_cross_entropy_matches_autograd(eps, with_bias, monkeypatch):
     """Output layer + label-smoothed loss in row chunks == F.linear + F.cross_entropy (float64),
     across chunk boundaries; gradients for the input, the weight and the bias."""
     from mt.fused import LinearCrossEntropy
@@ -124,17 +125,38 @@ def test_linear_cross_entropy_matches_autograd(eps, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 6, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
     t = torch.randint(0, 11, (30,), generator=g)
+    params = (x, w, b) if with_bias else (x, w)
     loss, nll = LinearCrossEntropy.apply(x, w, b, t, eps, torch.float64)
     (2.5 * loss).backward()
-    grads = [p.grad.clone() for p in (x, w, b)]
-    for p in (x, w, b):
+    grads = [p.grad.clone() for p in params]
+    for p in params:
         p.grad = None
     logits = torch.nn.functional.linear(x, w, b)
     ref = torch.nn.functional.cross_entropy(logits, t, label_smoothing=eps, reduction="sum")
     (2.5 * ref).backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(logits, t, reduction="sum"))
-    for got, p in zip(grads, (x, w, b)):
+    for got, p in zip(grads, params, strict=True):
         torch.testing.assert_close(got, p.grad)
+
+
+def test_linear_cross_entropy_in_bf16_products_stays_within_bf16_rounding(monkeypatch):
+    from mt.fused import LinearCrossEntropy
+
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK", 16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(50, 32, generator=g)).requires_grad_()
+    b = torch.randn(50, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (40,), generator=g)
+    results = {}
+    for cdt in (torch.float32, torch.bfloat16):
+        loss, _ = LinearCrossEntropy.apply(x, w, b, t, 0.1, cdt)
+        loss.backward()
+        results[cdt] = [loss.detach()] + [p.grad.clone() for p in (x, w, b)]
+        for p in (x, w, b):
+            p.grad = None
+    for full, half in zip(results[torch.float32], results[torch.bfloat16]):
+        assert (half - full).abs().max() <= 0.02 * full.abs().max()
