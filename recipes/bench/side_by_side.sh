@@ -2,7 +2,8 @@
 # bash recipes/bench/side_by_side.sh [OUT_DIR]
 # Peers and ours in one sitting, interleaved (the machine's speed drifts by 10-30% within
 # minutes): ours, Joey NMT, ours, OpenNMT-py, ours, ours-LSTM, fairseq, ours-LSTM. Each "ours"
-# is training fp32 and bf16, decoding float32, and decoding with --bf16 --shortlist 1000. Needs the peer
+# is training fp32 and bf16, decoding float32, and decoding with the inference options in $FAST
+# (default --int8 --shortlist 1000; --bf16 --shortlist 1000 pays only on CPUs with AMX). Needs the peer
 # harness of ../shared/bench/peers (its setup_envs.sh run once). Prints RESULT lines of the peers
 # and our figures; `python recipes/bench/summarize.py OUT_DIR` turns them into ratio tables.
 set -u
@@ -12,6 +13,7 @@ PEERS_DIR="${PEERS_DIR:-$ROOT/../shared/bench/peers}"
 OUT="${1:-$ROOT/runs/bench-$(date +%Y%m%d-%H%M%S)}"
 MT_BENCH="${MT_BENCH:-$ROOT/.venv/bin/mt-bench}"
 STEPS="${STEPS:-120}"
+FAST="${FAST:---int8 --shortlist 1000}"
 mkdir -p "$OUT"
 ours() {  # tag model
   for prec in fp32 bf16; do
@@ -21,9 +23,10 @@ ours() {  # tag model
     echo "[side-by-side] ours $1 $2 $prec: $(grep target_tokens_per_s "$OUT/ours_$1_$prec.txt")"
   done
   # decoding with the inference options (BLEU cost on a trained model: recipes/bench/decode_options.py)
-  "$MT_BENCH" --model "$2" --phases 1:64,5:64 --fixed-len 20 --bf16 --shortlist 1000 \
+  # shellcheck disable=SC2086
+  "$MT_BENCH" --model "$2" --phases 1:64,5:64 --fixed-len 20 $FAST \
     --out "$OUT/ours_$1_fast.json" > "$OUT/ours_$1_fast.txt" 2> "$OUT/ours_$1_fast.err"
-  echo "[side-by-side] ours $1 $2 --bf16 --shortlist 1000: $(grep beam5.batch64.sentences "$OUT/ours_$1_fast.txt")"
+  echo "[side-by-side] ours $1 $2 $FAST: $(grep beam5.batch64.sentences "$OUT/ours_$1_fast.txt")"
 }
 peer() {  # name
   PEERS="$1" SKIP_SETUP=1 BENCH_OUT="$OUT/$1" DECODES="1:64:20 5:64:20" bash "$PEERS_DIR/run_peers.sh" \

@@ -43,9 +43,13 @@ def ours(out: Path, tag: str):
                 for mode, key in (("greedy", "decode.greedy.batch64"), ("beam5", "decode.beam5.batch64")):
                     if f"{key}.sentences_per_s" in d:
                         f[f"{mode}.batch64"] = (d[f"{key}.sentences_per_s"], d[f"{key}.peak_rss_mb"])
-    p = out / f"ours_{tag}_fast.json"  # decoding with --bf16 --shortlist 1000
+    p = out / f"ours_{tag}_fast.json"  # decoding with side_by_side.sh's $FAST options
     if p.is_file():
         d = json.loads(p.read_text())
+        options = [f"--{o}" for o in ("int8", "bf16") if d.get(f"config.{o}")]
+        if d.get("config.shortlist"):
+            options.append(f"--shortlist {d['config.shortlist']}")
+        f["fast_label"] = " ".join(options)
         for mode, key in (("greedy", "decode.greedy.batch64"), ("beam5", "decode.beam5.batch64")):
             if f"{key}.sentences_per_s" in d:
                 f[f"{mode}.batch64.fast"] = (d[f"{key}.sentences_per_s"], d[f"{key}.peak_rss_mb"])
@@ -57,14 +61,13 @@ def main(out: Path) -> None:
     print("|---|---|---|---|---|")
     for before, peer, after in ORDER:
         p, a, b = peer_results(out, peer), ours(out, before), ours(out, after)
+        fast = a.get("fast_label") or b.get("fast_label") or "fast options"
         for key, label, our_key in (("train", "training, target tokens/s (fp32)", "train.fp32"),
                                     ("train", "training, target tokens/s (ours bf16)", "train.bf16"),
                                     ("greedy.batch64", "greedy, sentences/s (batch 64, 20 tokens)", "greedy.batch64"),
                                     ("beam5.batch64", "beam 5, sentences/s (batch 64, 20 tokens)", "beam5.batch64"),
-                                    ("greedy.batch64", "greedy, sentences/s (ours --bf16 --shortlist 1000)",
-                                     "greedy.batch64.fast"),
-                                    ("beam5.batch64", "beam 5, sentences/s (ours --bf16 --shortlist 1000)",
-                                     "beam5.batch64.fast"),
+                                    ("greedy.batch64", f"greedy, sentences/s (ours {fast})", "greedy.batch64.fast"),
+                                    ("beam5.batch64", f"beam 5, sentences/s (ours {fast})", "beam5.batch64.fast"),
                                     ("train", "training peak RSS, MB", "rss")):
             if key not in p:
                 continue
