@@ -34,7 +34,9 @@ def int8_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Module:
     """x -> x W^T + b with W in int8 (per-tensor scale) and x quantized per call (dynamic)."""
     from torch.ao.quantization import quantize_dynamic
 
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    # skip_init: no random initialisation of weights that are overwritten next (the shortlist
+    # makes one of these per batch)
+    linear = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
