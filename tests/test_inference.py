@@ -40,12 +40,18 @@ def step_logits(model, src, lens, steps=4):
     return torch.stack(out, 1)
 
 
+@pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_inference_weight_cache_changes_nothing(arch):
+def test_inference_weight_cache_changes_nothing(arch, table, monkeypatch):
+    import mt.decoder
+
+    if not table:  # a vocabulary too large for the embedding-product table: the product stays
+        monkeypatch.setattr(mt.decoder, "EMB_TABLE_MAX_MB", 0)
     model, (src, lens) = tiny_model(**arch), batch()
     plain = outputs(model, src, lens)
     model.decoder.freeze()
     assert model.decoder.frozen is not None
+    assert (model.decoder.frozen["emb_table"] is not None) == table
     assert_same(outputs(model, src, lens), plain)
     model.train()  # back to training drops the cache
     assert model.decoder.frozen is None
