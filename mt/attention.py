@@ -47,6 +47,14 @@ def additive_scores(keys: Tensor, q: Tensor, v: Tensor) -> Tensor:
     return out if q.dim() == 3 else out.squeeze(1)
 
 
+def float32_decode_attention(device_type: str) -> bool:
+    """True while decoding (no autograd) under autocast: a step's attention is matrix-vector work,
+    bound by memory, not arithmetic; bf16 there only adds casts (and bf16 tanh is slow on CPUs),
+    so it runs in the parameters' dtype. Seq2Seq.encode casts keys and values for it once per
+    batch; Attention.forward runs the step with autocast off."""
+    return not torch.is_grad_enabled() and torch.is_autocast_enabled(device_type)
+
+
 class Attention(nn.Module):
     """Base class: subclasses define `project_keys` and `scores`; `forward` masks and mixes."""
 
@@ -58,9 +66,7 @@ class Attention(nn.Module):
 
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
         """query: B x Q (one step) or B x T x Q (all steps); bias: B x S from `mask_bias`."""
-        if query.dim() == 2 and not torch.is_grad_enabled() and torch.is_autocast_enabled(query.device.type):
-            # decoding under autocast: a step's attention is matrix-vector work, bound by memory,
-            # not arithmetic; bf16 there only adds casts (and bf16 tanh is slow on CPUs): float32
+        if query.dim() == 2 and float32_decode_attention(query.device.type):
             with torch.autocast(query.device.type, enabled=False):
                 return self.forward(query.to(values.dtype), keys.to(values.dtype), values, bias.to(values.dtype))
         if query.dim() == 2 and query.shape[0] != keys.shape[0]:

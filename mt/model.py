@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from mt.attention import mask_bias
+from mt.attention import float32_decode_attention, mask_bias
 from mt.config import ConfigError, ModelConfig
 from mt.decoder import DecoderState, RecurrentDecoder
 from mt.encoder import EncoderOut, RecurrentEncoder
@@ -39,9 +39,7 @@ class Seq2Seq(nn.Module):
         """src: batch x src_len ids (PAD after the end); src_len: batch."""
         outputs, summary, summary_cell = self.encoder(src, src_len)
         keys = self.decoder.attention.project_keys(outputs)  # once per batch, not per step
-        if not torch.is_grad_enabled() and torch.is_autocast_enabled(src.device.type):
-            # decoding under autocast: attention runs in float32 (see Attention.forward), so
-            # cast keys and values once per batch rather than at every step
+        if float32_decode_attention(src.device.type):  # cast once per batch, not every step
             dtype = self.decoder.rnn.weight_hh_l0.dtype
             outputs, keys = outputs.to(dtype), keys.to(dtype)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_len.to(src.device)[:, None]
