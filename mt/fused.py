@@ -113,14 +113,16 @@ def attn_forward(additive: bool, q: Tensor, keys: Tensor, values: Tensor, bias: 
 
 
 def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: Tensor, q: Tensor, keys: Tensor,
-                  values: Tensor, v: Optional[Tensor], dkeys: Tensor, dvalues: Tensor, dv: Optional[Tensor]):
-    """Accumulates into dkeys / dvalues (/ dv); returns (d q, d scores). The additive energy
-    (B x S x A per step) is recomputed here rather than kept from the forward pass: keeping it
-    for every step was the largest part of a training step's memory."""
+                  values: Tensor, v: Optional[Tensor], dkeys: Tensor, dv: Optional[Tensor]):
+    """Returns (d q, d scores); accumulates the additive attention's dkeys and dv. The products
+    that only accumulate over steps (d values = sum_t a_t^T dctx_t, and the multiplicative
+    attention's d keys = sum_t ds_t^T q_t) are left to the caller, as one batched product over
+    all steps: per step they were a batch of B rank-1 updates (B small products). The additive
+    energy (B x S x A per step) is recomputed here rather than kept from the forward pass:
+    keeping it for every step was the largest part of a training step's memory."""
     da = torch.bmm(values, dctx.unsqueeze(2)).squeeze(2)  # B x S
     if da_extra is not None:
         da = da + da_extra
-    dvalues.baddbmm_(a.unsqueeze(2), dctx.unsqueeze(1))  # += a^T dctx per sentence
     ds = a * (da - (a * da).sum(dim=1, keepdim=True))
     if additive:  # in row blocks that stay in cache, as additive_scores does
         batch, src_len, size = keys.shape
@@ -135,7 +137,6 @@ def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: T
             dkeys[i:j].add_(dpre)
             torch.sum(dpre, dim=1, out=dq[i:j])
         return dq, ds
-    dkeys.baddbmm_(ds.unsqueeze(2), q.unsqueeze(1))
     return torch.bmm(ds.unsqueeze(1), keys).squeeze(1), ds
 
 
@@ -225,13 +226,15 @@ class DecoderLoop(torch.autograd.Function):
         w_o = w_o32.to(cdt) if style == "luong" else w_o32
         luong, lstm = style == "luong", cell == "lstm"
         steps = A.shape[0]
-        dkeys, dvalues = torch.zeros_like(keys), torch.zeros_like(values)
+        dkeys = torch.zeros_like(keys)
         dh = torch.zeros_like(H[0])
         dc = torch.zeros_like(H[0]) if lstm else None
         dfeed = torch.zeros_like(feeds[0]) if luong else None
         w1 = torch.cat([w_hh, w_q]) if additive and not luong else None
         dgx_all = torch.empty(steps, H.shape[1], w_hh.shape[0], dtype=H.dtype, device=H.device)
         dgh_all = torch.empty_like(dgx_all)
+        dctx_all = torch.empty(steps, *values.shape[::2], dtype=H.dtype, device=H.device)  # T x B x C
+        ds_all = None if additive else torch.empty_like(A)  # T x B x S
         dq_all: List[Tensor] = []
         dpo_all: List[Tensor] = []
         d_v = torch.zeros_like(v) if additive else None
@@ -247,7 +250,7 @@ class DecoderLoop(torch.autograd.Function):
                     dunit = dunit * mask[t]
                 n_h = H.shape[2]
                 dh_top, dctx = dunit[:, :n_h], dunit[:, n_h:]
-                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, dvalues, d_v)
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, d_v)
                 dh_new = dh + dh_top + (_mm(dq, w_q) if additive else dq)
                 if additive:
                     dq_all.append(dq)
@@ -258,7 +261,7 @@ class DecoderLoop(torch.autograd.Function):
                 dh_new = dh + (d_first[t] if d_first is not None else 0)
                 dgx, dgh, dh_cell, dc = cell_backward(cell, dh_new, dc, saved)
                 dctx = _mm(dgx, w_f) + (d_second[t] if d_second is not None else 0)
-                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, dvalues, d_v)
+                dq, ds = attn_backward(additive, dctx, da_extra, A[t], q, keys, values, v, dkeys, d_v)
                 if additive:
                     dq_all.append(dq)
                     dh = _mm(torch.cat([dgh, dq], dim=1), w1)
@@ -266,7 +269,14 @@ class DecoderLoop(torch.autograd.Function):
                     dh = _mm(dgh, w_hh) + dq
                 if dh_cell is not None:
                     dh = dh + dh_cell
-            dgx_all[t], dgh_all[t] = dgx, dgh
+            dgx_all[t], dgh_all[t], dctx_all[t] = dgx, dgh, dctx
+            if ds_all is not None:
+                ds_all[t] = ds
+        # what only accumulates over steps, as one batched product each: per sentence,
+        # d values = A^T DCTX (S x T times T x C); multiplicative d keys = DS^T Q
+        dvalues = torch.bmm(A.permute(1, 2, 0), dctx_all.transpose(0, 1))
+        if ds_all is not None:
+            dkeys = torch.bmm(ds_all.permute(1, 2, 0), torch.stack(ctx.queries).transpose(0, 1))
         # weight gradients: one large product each over all T*B rows
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
         h_prev = H[:-1]
@@ -374,15 +384,21 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 # --- dropout with 8x fewer random draws (CPU) ---------------------------------------------------
 
+def keep_mask(shape, p: float, device) -> Tuple[Tensor, float]:
+    """Dropout's keep mask (bool) and scale, drawing one random 64-bit word per eight elements
+    (torch's bernoulli_ draws one per element, ~15 ns each on the CPU); the keep probability
+    is rounded to a multiple of 1/256."""
+    n = int(torch.Size(shape).numel())
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    threshold = max(1, round((1 - p) * 256))  # keep probability in steps of 1/256
+    return words.view(torch.uint8)[:n].view(shape) < threshold, 256.0 / threshold
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float):
-        n = x.numel()
-        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        threshold = max(1, round((1 - p) * 256))  # keep probability in steps of 1/256
-        keep = words.view(torch.uint8)[:n].view(x.shape) < threshold
+        keep, ctx.scale = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
-        ctx.scale = 256.0 / threshold
         return x.mul(keep).mul_(ctx.scale)
 
     @staticmethod
