@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from mt.attention import build_attention
 from mt.encoder import EncoderOut, make_rnn
-from mt.fused import Dropout, keep_mask
+from mt.fused import Dropout, dropout_mask
 
 GATES = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}
 EMB_TABLE_MAX_MB = 256  # freeze(): the largest embedding-product table kept for decoding
@@ -249,12 +249,7 @@ class RecurrentDecoder(nn.Module):
             mask = empty
             if self.training and self.dropout.p > 0:
                 width = self.hidden_size + enc.outputs.shape[2]
-                if gx.device.type == "cpu":  # as mt.fused.Dropout: one random word per 8 elements
-                    keep, scale = keep_mask((gx.shape[0], gx.shape[1], width), self.dropout.p, gx.device)
-                    mask = keep.to(gx.dtype).mul_(scale)
-                else:
-                    mask = torch.empty(gx.shape[0], gx.shape[1], width, device=gx.device, dtype=gx.dtype)
-                    mask.bernoulli_(1 - self.dropout.p).div_(1 - self.dropout.p)
+                mask = dropout_mask((gx.shape[0], gx.shape[1], width), self.dropout.p, gx.device, gx.dtype)
             att, _, weights = DecoderLoop.apply(
                 spec, gx, state.hidden[0], c0, state.feed, enc.keys, enc.outputs, enc.bias, rnn.weight_hh_l0,
                 rnn.bias_hh_l0, self.feed_weight(), w_q, v, self.att_layer.weight, self.att_layer.bias, mask)

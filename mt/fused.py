@@ -113,7 +113,7 @@ def attn_forward(additive: bool, q: Tensor, keys: Tensor, values: Tensor, bias: 
 
 
 def attn_backward(additive: bool, dctx: Tensor, da_extra: Optional[Tensor], a: Tensor, q: Tensor, keys: Tensor,
-                  values: Tensor, v: Optional[Tensor], dkeys: Tensor, dv: Optional[Tensor]):
+                  values: Tensor, v: Optional[Tensor], dkeys: Optional[Tensor], dv: Optional[Tensor]):
     """Returns (d q, d scores); accumulates the additive attention's dkeys and dv. The products
     that only accumulate over steps (d values = sum_t a_t^T dctx_t, and the multiplicative
     attention's d keys = sum_t ds_t^T q_t) are left to the caller, as one batched product over
@@ -226,7 +226,7 @@ class DecoderLoop(torch.autograd.Function):
         w_o = w_o32.to(cdt) if style == "luong" else w_o32
         luong, lstm = style == "luong", cell == "lstm"
         steps = A.shape[0]
-        dkeys = torch.zeros_like(keys)
+        dkeys = torch.zeros_like(keys) if additive else None  # multiplicative: one product after the loop
         dh = torch.zeros_like(H[0])
         dc = torch.zeros_like(H[0]) if lstm else None
         dfeed = torch.zeros_like(feeds[0]) if luong else None
@@ -405,6 +405,15 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout_mask(shape, p: float, device, dtype: torch.dtype) -> Tensor:
+    """A scaled dropout mask (0 or 1 / keep probability) to multiply by: keep_mask's on the
+    CPU, torch's bernoulli_ elsewhere (GPUs draw random numbers cheaply)."""
+    if torch.device(device).type == "cpu":
+        keep, scale = keep_mask(shape, p, device)
+        return keep.to(dtype).mul_(scale)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
 
 
 class Dropout(torch.nn.Dropout):
