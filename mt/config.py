@@ -35,7 +35,8 @@ class DataConfig:
     source: Literal["text", "tsv", "jsonl", "hub"] = "text"
     path: str = "builtin:multi30k"  # "builtin:NAME" = a corpus shipped inside the package
     hub_config: Optional[str] = None
-    # Read plain text files from this directory instead (source=text); lets a Hub recipe run offline.
+    # Read plain text files <local_dir>/<split>.<lang>[.gz] instead of `path` (any source): lets a
+    # Hub recipe run offline from a local copy, whose split names are `local_splits`.
     local_dir: Optional[str] = None
     src_lang: str = "en"
     tgt_lang: str = "de"
@@ -47,6 +48,9 @@ class DataConfig:
     # Our split name -> the source's split name (hub split syntax such as "train[:2000]" works).
     splits: Dict[str, str] = field(
         default_factory=lambda: {"train": "train", "valid": "valid", "test": "test2016"})
+    # Our split name -> file name in local_dir; null = the same as `splits` (a text source's
+    # names). Hub data configs set it, since Hub split slices such as "train[5000:]" are no files.
+    local_splits: Optional[Dict[str, str]] = None
     normalize: bool = True  # NFC, no-break/zero-width spaces, whitespace runs, trimming
     max_words: int = 200  # drop pairs with a longer side (whitespace words); 0 = off
     max_ratio: float = 4.0  # drop pairs whose word-count ratio exceeds this; 0 = off

@@ -216,10 +216,28 @@ def _load_text(cfg: DataConfig, base: Path, split: str, cache_dir: str):
         raise (cause or e) from None
 
 
+def source_splits(cfg: DataConfig) -> Dict[str, str]:
+    """Our split name -> the name to read: `local_splits` for a local copy, else `splits`."""
+    if not cfg.local_dir:
+        return dict(cfg.splits)
+    names = dict(cfg.local_splits if cfg.local_splits is not None else cfg.splits)
+    if set(names) != set(cfg.splits):
+        raise DataError(f"data.local_splits names {sorted(names)}, data.splits names {sorted(cfg.splits)}: "
+                        "they must name the same splits")
+    for split, name in names.items():
+        if "[" in name:
+            raise DataError(f"data.local_splits.{split}={name!r} is not a file name in data.local_dir "
+                            f"(set data.local_splits.{split}=<name of {name}.{cfg.src_lang}>)")
+    return names
+
+
 def load_source(cfg: DataConfig, split: str, cache_dir: str):
     """Dataset(src, tgt) for one source split name, from whichever source the config names."""
     if cfg.local_dir:
-        return _load_text(cfg, resolve_path(cfg.local_dir), split, cache_dir)
+        base = resolve_path(cfg.local_dir)
+        if not base.is_dir():
+            raise DataError(f"data.local_dir: no such directory: {base}")
+        return _load_text(cfg, base, split, cache_dir)
     if cfg.source == "hub":
         return _load_hub(cfg, split, cache_dir)
     base = resolve_path(cfg.path)
@@ -302,7 +320,7 @@ def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, An
 
     datasets.disable_progress_bars()  # our log lines carry the counts
     out_dir = Path(out_dir)
-    stamp = fingerprint(cfg)
+    stamp, splits = fingerprint(cfg), source_splits(cfg)
     if not force and is_done(out_dir, stamp):
         stats = json.loads((out_dir / STATS_FILE).read_text())
         log.info("prepare: up to date (%s), skipped", out_dir)
@@ -312,7 +330,7 @@ def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, An
     out_dir.mkdir(parents=True)
     stats: Dict[str, Any] = {"fingerprint": stamp, "splits": {}}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".cache-") as cache_dir:
-        for split, source_split in cfg.splits.items():
+        for split, source_split in splits.items():
             ds = load_source(cfg, source_split, cache_dir)
             ds, split_stats = _clean(ds, cfg, apply_filters=split in cfg.filter_splits)
             ds.save_to_disk(str(out_dir / split))
