@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mt import version_string
+
 DEFAULT_DIR = Path("runs") / ".bench"
 
 
@@ -279,6 +281,7 @@ def _child(args) -> None:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mt-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=version_string(p.prog))
     p.add_argument("--model", default="bench_gru", help="a conf/model option (default: the peers' model)")
     p.add_argument("--corpus", default="builtin:multi30k", help="directory of <split>.<lang> files")
     p.add_argument("--src", default="en")

@@ -19,7 +19,10 @@ from typing import Any, Dict, List, Literal, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The config groups ship inside the package (a wheel holds real files); in a clone mt/conf is a
+# link to the top-level conf/, whose recipe group is itself a link to recipes/: people read and
+# edit conf/ and recipes/, and an installed package finds the same files next to its modules.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 STAGES = ("prepare", "tokenizer", "train", "translate", "score")
 
 

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence
 from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.utils import print_single_results
 
+from mt import version_string
+
 log = logging.getLogger(__name__)
 METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
 
@@ -103,6 +105,7 @@ def format_results(scored, args: argparse.Namespace) -> List[str]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mt-evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_string(p.prog))
     p.add_argument("refs", nargs="*", help="reference files (one per reference set)")
     p.add_argument("-i", "--input", help="hypotheses (default: stdin)")
     p.add_argument("-m", "--metrics", nargs="+", default=["bleu"], choices=sorted(METRICS))

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from mt.config import ConfigError, register_configs, validate
+from mt.config import CONF_DIR, ConfigError, register_configs, validate
 
 log = logging.getLogger("mt")
 
@@ -131,7 +131,6 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 # --- Hydra entry point (thin) -------------------------------------------------------------------
 
 register_configs()
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _hydra_main(cfg: DictConfig) -> None:
@@ -150,7 +149,13 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_hydra_main)()
+    if "--version" in sys.argv[1:]:  # Hydra's own parser has no --version
+        from mt import version_string
+
+        print(version_string("mt-train"))
+        return
+
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_main)()
 
 
 if __name__ == "__main__":

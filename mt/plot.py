@@ -22,6 +22,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from mt import version_string  # noqa: E402
+
 
 def read_metrics(run_dir: Path) -> Dict[str, List[dict]]:
     """metrics.jsonl by kind; a step logged twice (a resumed run redid it) keeps its last entry."""
@@ -93,6 +95,7 @@ def plot_attention(translator, text: str, out: Path) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="mt-plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=version_string(p.prog))
     p.add_argument("run", help="run directory")
     p.add_argument("--sentence", type=int, help="plot the attention of this line (1-based) of --split")
     p.add_argument("--split", default="test")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from mt import version_string
+
 import torch
 
 from mt import checkpoint as ckpt_io
@@ -206,6 +208,7 @@ def translate_test(cfg, run_dir: Path) -> Path:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mt-translate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version_string(p.prog))
     p.add_argument("-m", "--model", required=True, help="run directory or checkpoint file")
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
