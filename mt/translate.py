@@ -7,8 +7,10 @@
     mt-translate -m runs/x --sample --top-p 0.9 --seed 7               # sampling
     mt-translate -m runs/x                                             # on a terminal: a prompt
 
-Input is read in batches as it arrives (output for a batch appears before the rest is read). An
-empty line gives an empty line; a line longer than what the model was trained on is translated
+Input is read in batches of --buffer-size lines as it arrives (output for a batch appears
+before the rest is read); when a live writer pauses (a FIFO, `tail -f`, a chat loop), the lines
+that have arrived are translated at once instead of waiting for a full buffer. An empty line
+gives an empty line; a line longer than what the model was trained on is translated
 anyway, with a warning. stdout is UTF-8 and SIGPIPE is the default, so `| head` works.
 """
 from __future__ import annotations
@@ -228,7 +230,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int, help="sentences per batch")
-    p.add_argument("--buffer-size", type=int, default=0, help="lines read before translating (default 4 batches)")
+    p.add_argument("--buffer-size", type=int, default=0, help="at most this many lines per read (default 4 batches); fewer when the input pauses")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU; small BLEU cost)")
     p.add_argument("--bf16", action="store_true", help="bf16 matrix products (autocast; small BLEU cost)")
@@ -278,36 +280,69 @@ def main(argv: Optional[List[str]] = None) -> None:
             translator.set_shortlist(args.shortlist)
         translator.bf16 = args.bf16
         name = args.input or "stdin"
-        inp = open(args.input, "rb") if args.input else sys.stdin.buffer
+        inp = open(args.input, "rb", buffering=0) if args.input else sys.stdin.buffer
         out = open(args.output, "w", encoding="utf-8") if args.output else \
             open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False)
-        interactive = not args.input and sys.stdin.isatty()
-        sources: List[str] = []
-        lines = _remember(_decoded(_prompted(inp) if interactive else inp, name), sources)
+        if not args.input and sys.stdin.isatty():
+            chunks: Iterable[List[bytes]] = ([line] for line in _prompted(inp))
+        else:
+            chunks = read_chunks(inp.fileno(), args.buffer_size or 4 * translator.decode.batch_size)
         done = 0
-        for results in translator.stream(lines, 1 if interactive else args.buffer_size):
-            _write(out, results, args.format, done + 1, sources[:len(results)])
-            del sources[:len(results)]
-            done += len(results)
+        for chunk in chunks:
+            lines = [_decode(raw, name, done + k) for k, raw in enumerate(chunk, start=1)]
+            _write(out, translator.translate_batch(lines, done + 1), args.format, done + 1, lines)
+            done += len(chunk)
         log.info("translated %d lines", done)
     except (ValueError, OSError, UnicodeDecodeError, ckpt_io.CheckpointError) as e:
         print(f"mt-translate: error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
-def _decoded(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
-    """Lines split on LF only (never on U+2028 or form feeds), UTF-8 checked with line numbers."""
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{name}:{number}: invalid UTF-8 ({e.reason})") from None
+PAUSE_S = 0.1  # a live writer that is quiet this long has its lines translated now
 
 
-def _remember(lines: Iterable[str], sink: List[str]) -> Iterator[str]:
-    for line in lines:
-        sink.append(line)
-        yield line
+def read_chunks(fd: int, max_lines: int, pause: float = PAUSE_S) -> Iterator[List[bytes]]:
+    """Lines of a file descriptor (split on LF only, never on U+2028 or form feeds), in lists of
+    at most `max_lines`. A list is handed on when it is full, at the end of the input, or when
+    the input pauses for `pause` seconds with complete lines waiting: a file or a fast pipe is
+    translated in full batches, a line written into a pipe that stays open (a FIFO, `tail -f`, a
+    chat loop) is translated as soon as its writer pauses."""
+    lines: List[bytes] = []
+    pending = b""
+    while True:
+        if lines and not _readable(fd, pause):
+            yield lines  # the writer paused: translate what has arrived
+            lines = []
+            continue
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        lines += complete
+        while len(lines) >= max_lines:
+            yield lines[:max_lines]
+            lines = lines[max_lines:]
+    if pending:
+        lines.append(pending)  # a last line without a newline is still a line
+    for start in range(0, len(lines), max_lines):
+        yield lines[start:start + max_lines]
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    import select
+
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    except (OSError, ValueError):  # not selectable here: block on read, batches stay full
+        return True
+
+
+def _decode(raw: bytes, name: str, number: int) -> str:
+    """One input line as text; invalid UTF-8 is an error naming the line."""
+    try:
+        return raw.decode("utf-8").rstrip("\n").rstrip("\r")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}:{number}: invalid UTF-8 ({e.reason})") from None
 
 
 def _prompted(inp) -> Iterator[bytes]:

@@ -118,3 +118,55 @@ def test_plot_writes_pngs(trained):
     for name in ("curves.png", "attention_test_3.png"):
         data = (trained / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_a_line_written_into_an_open_pipe_is_translated_before_the_pipe_closes(trained):
+    import select
+    import time
+
+    p = subprocess.Popen([BIN / "mt-translate", "-m", trained, "--greedy", "-q"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ask(line: str, timeout: float) -> float:
+        t0 = time.monotonic()
+        p.stdin.write(line.encode() + b"\n")
+        p.stdin.flush()
+        ready = select.select([p.stdout], [], [], timeout)[0]
+        assert ready, f"no translation of {line!r} within {timeout} s while the pipe stayed open"
+        assert p.stdout.readline().endswith(b"\n")
+        return time.monotonic() - t0
+
+    try:
+        ask("A dog runs.", 120)  # includes loading the model
+        assert ask("Two men ride bikes.", 10) < 10  # the writer pauses: no wait for 256 lines
+        assert p.poll() is None  # still running, stdin still open
+    finally:
+        p.stdin.close()
+        assert p.wait(60) == 0, p.stderr.read().decode()
+    assert p.stdout.read() == b""  # one output line per input line, nothing more
+
+
+def test_files_and_fast_pipes_are_read_in_full_batches(tmp_path):
+    import threading
+    import time
+
+    from mt.translate import read_chunks
+
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"".join(b"line %d\n" % i for i in range(1000)) + b"last, no newline")
+    with open(f, "rb", buffering=0) as inp:
+        chunks = list(read_chunks(inp.fileno(), 256))
+    assert [len(c) for c in chunks] == [256, 256, 256, 233]
+    assert chunks[0][0] == b"line 0" and chunks[-1][-1] == b"last, no newline"
+
+    r, w = os.pipe()
+
+    def writer():  # two bursts with a pause between them, like a live producer
+        os.write(w, b"a\nb\n")
+        time.sleep(0.6)
+        os.write(w, b"c\n")
+        os.close(w)
+
+    threading.Thread(target=writer).start()
+    assert list(read_chunks(r, 256)) == [[b"a", b"b"], [b"c"]]
+    os.close(r)
