@@ -38,6 +38,9 @@ class DataConfig:
     source: Literal["text", "tsv", "jsonl", "hub"] = "text"
     path: str = "builtin:multi30k"  # "builtin:NAME" = a corpus shipped inside the package
     hub_config: Optional[str] = None
+    # Where Hub downloads are kept; null = datasets' own cache (HF_DATASETS_CACHE, by default
+    # ~/.cache/huggingface/datasets). Either way persistent: a second prepare works offline.
+    hub_cache_dir: Optional[str] = None
     # Read plain text files <local_dir>/<split>.<lang>[.gz] instead of `path` (any source): lets a
     # Hub recipe run offline from a local copy, whose split names are `local_splits`.
     local_dir: Optional[str] = None
@@ -157,6 +160,10 @@ class Config:
     name: str = "default"  # run directory: runs/<name>
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     force: bool = False  # redo stages whose outputs already exist
+    # Prepared splits and tokenizers, keyed by their fingerprints: runs and multirun jobs with the
+    # same data and tokenizer settings share one copy (runs/<name>/data and /tokenizer link here).
+    # Relative to the folder mt-train is started in.
+    cache_dir: str = "runs/.cache"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1234
     data: DataConfig = field(default_factory=DataConfig)

@@ -150,11 +150,15 @@ def _select_fields(ds, src_field: str, tgt_field: str, where: str):
                   desc="fields")
 
 
-def _load_hub(cfg: DataConfig, split: str, cache_dir: str):
+def _load_hub(cfg: DataConfig, split: str):
+    """A Hub split through datasets' persistent cache (data.hub_cache_dir, default datasets' own,
+    e.g. ~/.cache/huggingface/datasets): downloaded once, then prepared again offline
+    (HF_DATASETS_OFFLINE=1)."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
     name = f"{cfg.path}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
+    cache_dir = str(Path(cfg.hub_cache_dir).expanduser()) if cfg.hub_cache_dir else None
     try:
         ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split, cache_dir=cache_dir)
     except DatasetNotFoundError as e:
@@ -239,7 +243,7 @@ def load_source(cfg: DataConfig, split: str, cache_dir: str):
             raise DataError(f"data.local_dir: no such directory: {base}")
         return _load_text(cfg, base, split, cache_dir)
     if cfg.source == "hub":
-        return _load_hub(cfg, split, cache_dir)
+        return _load_hub(cfg, split)
     base = resolve_path(cfg.path)
     if not base.is_dir():
         raise DataError(f"data.path: no such directory: {base}")
@@ -299,7 +303,8 @@ def _clean(ds, cfg: DataConfig, apply_filters: bool) -> Tuple[Any, Dict[str, int
 
 def fingerprint(cfg: DataConfig) -> str:
     """Hash of the config and of the local input files' names, sizes and mtimes."""
-    parts: List[Any] = [FORMAT, to_container(cfg)]
+    settings = {k: v for k, v in to_container(cfg).items() if k != "hub_cache_dir"}  # where, not what
+    parts: List[Any] = [FORMAT, settings]
     local = cfg.local_dir or (cfg.path if cfg.source != "hub" else None)
     if local and resolve_path(local).is_dir():
         for f in sorted(resolve_path(local).iterdir()):

@@ -10,20 +10,25 @@ whose .hydra/overrides.yaml names the job's values):
 
     config.yaml                 the resolved config of the latest invocation
     mt.log                      the log of every invocation
-    data/                       prepared splits (Arrow) and stats.json         <- prepare
-    tokenizer/                  spm.model (or src/tgt.model), ids/, stamp.json  <- tokenizer
+    data/ -> runs/.cache/data/<fingerprint>/       prepared splits (Arrow), stats.json  <- prepare
+    tokenizer/ -> runs/.cache/tokenizer/<fp>/      spm.model (or src/tgt.model), ids/   <- tokenizer
     checkpoints/{last,best}.pt  metrics.jsonl, tb/ (TensorBoard)                <- train
     test.hyp                    detokenised translations of the test split      <- translate
     test.scores.json            BLEU / chrF / TER with sacreBLEU signatures    <- score
 
 Each stage is a plain function of (cfg, run_dir); it skips its work when its outputs exist and
 were made from the same configuration (a fingerprint is stored with them), so a re-run resumes
-where the last one stopped. `force=true` redoes the selected stages.
+where the last one stopped. `force=true` redoes the selected stages. Prepared data and tokenizers
+live in a cache keyed by those fingerprints (`cache_dir`, default runs/.cache) and the run links
+to them: runs and multirun jobs with the same data and tokenizer settings prepare them once.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -58,9 +63,13 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
 # --- stages -------------------------------------------------------------------------------------
 
 def stage_prepare(cfg: DictConfig, run_dir: Path) -> Any:
-    from mt.data import prepare
+    from mt.data import fingerprint, prepare
 
-    return prepare(cfg.data, run_dir / "data", force=cfg.force)
+    entry = _cache_entry(cfg, "data", fingerprint(cfg.data))
+    with _locked(entry):
+        stats = prepare(cfg.data, entry, force=cfg.force)
+    _link(run_dir / "data", entry)
+    return stats
 
 
 def _require(path: Path, stage: str) -> None:
@@ -70,10 +79,55 @@ def _require(path: Path, stage: str) -> None:
 
 def stage_tokenizer(cfg: DictConfig, run_dir: Path) -> Any:
     from mt.data import STATS_FILE
-    from mt.tokenizer import train_tokenizer
+    from mt.tokenizer import fingerprint, train_tokenizer
 
-    _require(run_dir / "data" / STATS_FILE, "prepare")
-    return train_tokenizer(cfg.tokenizer, run_dir / "data", run_dir / "tokenizer", force=cfg.force)
+    stats = run_dir / "data" / STATS_FILE
+    _require(stats, "prepare")
+    data_fingerprint = json.loads(stats.read_text())["fingerprint"]
+    entry = _cache_entry(cfg, "tokenizer", fingerprint(cfg.tokenizer, data_fingerprint))
+    with _locked(entry):
+        tok = train_tokenizer(cfg.tokenizer, run_dir / "data", entry, force=cfg.force)
+    _link(run_dir / "tokenizer", entry)
+    return tok
+
+
+# --- the shared cache of prepared data and tokenizers ------------------------------------------
+# cfg.cache_dir/<kind>/<fingerprint>/ holds one stage's output; a run's data/ and tokenizer/ are
+# links to the entries its settings name, so a second run (or multirun job) with the same settings
+# finds the stage done. An entry is built under a lock (parallel jobs wait, then reuse it), and
+# it is complete only once its stamp file is written last, so a killed build is redone.
+
+def _cache_entry(cfg: DictConfig, kind: str, fingerprint: str) -> Path:
+    return Path(cfg.cache_dir).expanduser().absolute() / kind / fingerprint
+
+
+@contextlib.contextmanager
+def _locked(entry: Path):
+    import fcntl
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _link(link: Path, entry: Path) -> None:
+    """Point run_dir/<kind> at the cache entry (a relative link when both share a root)."""
+    try:
+        target = Path(os.path.relpath(entry, link.parent))
+    except ValueError:  # different drives
+        target = entry
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return
+        link.unlink()
+    elif link.exists():  # a run made before the cache: its own copy goes, the link replaces it
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def stage_train(cfg: DictConfig, run_dir: Path) -> Any:

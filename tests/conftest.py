@@ -1,12 +1,15 @@
 """Shared fixtures: a small slice of the built-in Multi30k corpus, and tiny-run configs."""
 import gzip
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# datasets' own cache (where Hub loads go unless data.hub_cache_dir says otherwise): a fresh one
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mt-tests-hf-"))
 
 from mt.config import compose_config  # noqa: E402
 from mt.data import BUILTIN_DIR  # noqa: E402
@@ -17,6 +20,16 @@ SIZES = {"train": 1500, "valid": 60, "test2016": 40}
 def builtin_lines(split: str, lang: str, n: int):
     with gzip.open(BUILTIN_DIR / "multi30k" / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
         return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _work_in_a_temporary_folder(tmp_path_factory):
+    """Tests run where a user would: relative paths (runs/, runs/.cache) land in an empty
+    folder of their own, never in the checkout."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture(scope="session")

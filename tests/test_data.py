@@ -9,7 +9,7 @@ from mt.config import DataConfig, structured
 from mt.data import DataError, load_split, normalize, prepare
 
 
-def cfg(path, **kw):
+def cfg(path=None, **kw):
     base = dict(path=str(path), splits={"train": "train", "valid": "valid"})
     base.update(kw)
     return structured(DataConfig(**base))
@@ -157,3 +157,36 @@ def test_prepare_skips_when_done_and_redoes_when_config_changes(tmp_path):
     assert os.stat(stamp).st_mtime_ns == before
     stats = prepare(cfg(corpus, max_ratio=0.0), tmp_path / "out")
     assert os.stat(stamp).st_mtime_ns != before and stats["splits"]["train"]["ratio"] == 0
+
+
+def test_hub_downloads_go_to_a_persistent_cache_that_a_second_prepare_reuses(tmp_path):
+    d = tmp_path / "hubdir"
+    d.mkdir()
+    write(d / "train.jsonl", [json.dumps({"translation": {"en": f"a {i}", "de": f"b {i}"}}) for i in range(5)])
+    hub_cache = tmp_path / "hub-cache"
+    c = cfg(d, source="hub", splits={"train": "train"}, src_field="translation.en",
+            tgt_field="translation.de", hub_cache_dir=str(hub_cache))
+    prepare(c, tmp_path / "out")
+    cached = sorted(p for p in hub_cache.rglob("*") if p.is_file())
+    assert any(p.suffix == ".arrow" for p in cached)  # the download survives the prepare stage
+    assert not list((tmp_path / "out").glob(".cache-*"))
+    stats = prepare(c, tmp_path / "out", force=True)
+    assert stats["splits"]["train"]["kept"] == 5
+    assert sorted(p for p in hub_cache.rglob("*") if p.is_file() and p.suffix == ".arrow") == \
+        [p for p in cached if p.suffix == ".arrow"]  # read back from the cache, nothing rebuilt
+
+
+def test_a_hub_recipe_reads_a_local_copy_with_the_copys_own_split_names(tmp_path):
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        write(tmp_path / f"{split}.en", [f"{split} {i}" for i in range(n)])
+        write(tmp_path / f"{split}.de", [f"{split} {i} de" for i in range(n)])
+    hub = dict(source="hub", path="Helsinki-NLP/tatoeba", hub_config="de-en",
+               splits={"train": "train[5000:]", "valid": "train[:2500]", "test": "train[2500:5000]"})
+    stats = prepare(cfg(local_dir=str(tmp_path), local_splits={"train": "train", "valid": "valid", "test": "test"},
+                        **hub), tmp_path / "out")
+    assert {k: v["kept"] for k, v in stats["splits"].items()} == {"train": 6, "valid": 2, "test": 3}
+    with pytest.raises(DataError, match=r"data.local_splits.train='train\[5000:\]' is not a file name"):
+        prepare(cfg(local_dir=str(tmp_path), **hub), tmp_path / "o2")
+    with pytest.raises(DataError, match=r"data.local_dir: no such directory"):
+        prepare(cfg(local_dir=str(tmp_path / "nope"), local_splits={"train": "train", "valid": "valid",
+                                                                     "test": "test"}, **hub), tmp_path / "o3")

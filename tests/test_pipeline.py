@@ -61,6 +61,22 @@ def test_mt_train_command_and_multirun(small_corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     for job, v in enumerate((420, 450)):
         assert Tokenizer.from_dir(tmp_path / "runs" / "tiny" / "multirun" / str(job) / "tokenizer").src_vocab_size == v
+    # the data is the single run's: prepared once, in the shared cache; two vocabularies, two tokenizers
+    assert "pairs kept" not in r.stderr and r.stderr.count("prepare: up to date") == 2
+    assert r.stderr.count("tokenizer: unigram joint model") == 2
+
+
+def test_a_multirun_prepares_data_and_trains_sentencepiece_once(small_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "mt.pipeline", "-m"] + tiny_overrides(small_corpus, stages="[prepare,tokenizer]")
+    r = subprocess.run(cmd + ["train.lr=1e-3,3e-4"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("prepare: train: 1500 pairs kept") == 1 and r.stderr.count("prepare: up to date") == 1
+    assert r.stderr.count("tokenizer: unigram joint model") == 1 and r.stderr.count("tokenizer: up to date") == 1
+    jobs = [tmp_path / "runs" / "tiny" / "multirun" / str(j) for j in (0, 1)]
+    for kind in ("data", "tokenizer"):
+        a, b = (j / kind for j in jobs)
+        assert a.is_symlink() and a.resolve() == b.resolve()
+        assert a.resolve().parent == (tmp_path / "runs" / ".cache" / kind).resolve()
 
 
 def test_mt_train_bad_input_is_one_line(tmp_path):
