@@ -235,14 +235,12 @@ def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]
     decode.method, decode.beam_size, decode.batch_size, decode.alpha = ("beam" if beam > 1 else "greedy"), beam, batch, 1.0
     if args.fixed_len:
         decode.max_len_a, decode.max_len_b = 0.0, args.fixed_len
+    decode.int8, decode.bf16, decode.shortlist = args.int8, args.bf16, args.shortlist
     translator = Translator(model, tok, decode, torch.device("cpu"))
-    translator.run_dir, translator.bf16 = run_dir, args.bf16
+    translator.run_dir = run_dir
     if args.fixed_len:
         translator.min_len = args.fixed_len
-    if args.int8:
-        translator.quantize()
-    if args.shortlist:
-        translator.set_shortlist(args.shortlist)
+    translator.apply_speed_options()
     n = args.sentences if batch > 1 else max(1, args.sentences // 5)
     src = list(load_split(run_dir / "data", "test")["src"][:n])
     translator.translate_batch(src[:min(len(src), batch)])  # warm-up

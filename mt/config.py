@@ -151,8 +151,11 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 1234
     batch_size: int = 64  # sentences per batch
-    quantize: bool = False  # int8 dynamic quantization (CPU)
-    shortlist: int = 0  # restrict the output layer to the N most frequent target pieces + source-seen; 0 = off
+    # Speed options, each with its measured BLEU cost in BENCHMARKS.md; mt-translate's --int8,
+    # --bf16 and --shortlist override them.
+    int8: bool = False  # int8 dynamic quantization of every matrix product (CPU)
+    bf16: bool = False  # bf16 matrix products under autocast, attention in float32 (pays with AMX)
+    shortlist: int = 0  # score only the N most frequent target pieces + likely translations of the source's; 0 = off
 
 
 @dataclass
@@ -252,6 +255,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError("set train.batch_tokens or train.batch_size to a positive number")
     if cfg.decode.beam_size < 1 or cfg.decode.n_best < 1 or cfg.decode.n_best > cfg.decode.beam_size:
         raise ConfigError("decode: need 1 <= n_best <= beam_size")
+    if cfg.decode.shortlist < 0:
+        raise ConfigError(f"decode.shortlist must be >= 0 (0 = off), got {cfg.decode.shortlist}")
     return cfg
 
 

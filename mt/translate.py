@@ -48,6 +48,13 @@ class Result:
     texts: List[str] = field(default_factory=list)  # every hypothesis, detokenised
 
 
+def saved_decode_config(saved: Dict[str, Any]):
+    """A checkpoint's decode settings as a DecodeConfig; checkpoints written before decode.int8
+    and decode.bf16 existed carry `quantize` (never read then: off)."""
+    saved = {k: v for k, v in saved.items() if k != "quantize"}
+    return structured(DecodeConfig(**saved))
+
+
 def find_checkpoint(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -97,14 +104,27 @@ class Translator:
         model_cfg = structured(ModelConfig(**ckpt["model_config"]))
         model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"])
         model.load_state_dict(ckpt["model"])
-        decode = structured(DecodeConfig(**ckpt["config"]["decode"]))
+        decode = saved_decode_config(ckpt["config"]["decode"])
         for key, value in overrides.items():
             if value is not None:
                 decode[key] = value
         log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
         translator = cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
         translator.run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+        translator.apply_speed_options()
         return translator
+
+    def apply_speed_options(self) -> None:
+        """decode.int8, decode.bf16 and decode.shortlist, as the config (or the command line) says."""
+        if self.decode.int8:
+            self.quantize()
+        if self.decode.shortlist:
+            self.set_shortlist(self.decode.shortlist)
+        self.bf16 = bool(self.decode.bf16)
+        on = [name for name, value in (("int8", self.decode.int8), ("bf16", self.bf16),
+                                       (f"shortlist {self.decode.shortlist}", self.decode.shortlist)) if value]
+        if on:
+            log.info("decoding with %s", ", ".join(on))
 
     @torch.no_grad()
     def translate_batch(self, lines: Sequence[str], first_line: int = 1) -> List[Result]:
@@ -232,11 +252,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="sentences per batch")
     p.add_argument("--buffer-size", type=int, default=0, help="at most this many lines per read (default 4 batches); fewer when the input pauses")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU; small BLEU cost)")
-    p.add_argument("--bf16", action="store_true", help="bf16 matrix products (autocast; small BLEU cost)")
-    p.add_argument("--shortlist", type=int, default=0, metavar="N",
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction,
+                   help="int8 dynamic quantization (CPU; small BLEU cost; default: the run's decode.int8)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 matrix products (autocast; small BLEU cost; default: the run's decode.bf16)")
+    p.add_argument("--shortlist", type=int, metavar="N",
                    help="score only the N most frequent target pieces plus likely translations of the "
-                        "batch's source pieces (needs the run directory; small BLEU cost)")
+                        "batch's source pieces (needs the run directory; small BLEU cost; 0 = off; "
+                        "default: the run's decode.shortlist)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p.parse_args(argv)
 
@@ -246,7 +269,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return {"method": method, "beam_size": args.beam or (1 if args.greedy or args.sample else None),
             "alpha": args.alpha, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "n_best": args.n_best,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "int8": args.int8, "bf16": args.bf16, "shortlist": args.shortlist}
 
 
 def _write(out, results: List[Result], fmt: str, first_id: int, sources: List[str]) -> None:
@@ -274,11 +297,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         if (args.n_best or 1) > (args.beam or args.n_best or 1) and not args.sample:
             raise ValueError("--n-best cannot exceed --beam")
         translator = Translator.from_path(Path(args.model), args.device, **overrides)
-        if args.int8:
-            translator.quantize()
-        if args.shortlist:
-            translator.set_shortlist(args.shortlist)
-        translator.bf16 = args.bf16
         name = args.input or "stdin"
         inp = open(args.input, "rb", buffering=0) if args.input else sys.stdin.buffer
         out = open(args.output, "w", encoding="utf-8") if args.output else \

@@ -170,3 +170,30 @@ def test_files_and_fast_pipes_are_read_in_full_batches(tmp_path):
     threading.Thread(target=writer).start()
     assert list(read_chunks(r, 256)) == [[b"a", b"b"], [b"c"]]
     os.close(r)
+
+
+def test_decode_speed_keys_are_honoured_by_the_pipeline_and_the_command_line(trained, tiny_cfg, tmp_path, monkeypatch):
+    import shutil
+
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from mt.translate import Translator, translate_test
+
+    fast = Translator.from_path(trained, "cpu", int8=True, shortlist=50, bf16=True)
+    assert isinstance(fast.model.decoder.output_layer, Int8Linear) and fast.shortlist is not None and fast.bf16
+    plain = Translator.from_path(trained, "cpu")
+    assert not isinstance(plain.model.decoder.output_layer, Int8Linear) and plain.shortlist is None and not plain.bf16
+
+    used = []
+    monkeypatch.setattr(Translator, "apply_speed_options",
+                        lambda self: used.append((self.decode.int8, self.decode.bf16, self.decode.shortlist)))
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained, run_dir)  # links followed: the copy is self-contained
+    translate_test(tiny_cfg(**{"decode.int8": "true", "decode.shortlist": 50}), run_dir)
+    assert used == [(True, False, 50)]  # the stage's decode.* reach the translator
+    monkeypatch.undo()
+
+    r = sh([BIN / "mt-translate", "-m", trained, "--int8", "--shortlist", "50"], "A dog runs.\n")
+    assert r.returncode == 0 and "decoding with int8, shortlist 50" in r.stderr.decode()
+    r = sh([BIN / "mt-translate", "-m", trained, "--no-int8"], "A dog runs.\n")
+    assert r.returncode == 0 and "decoding with" not in r.stderr.decode()
