@@ -60,6 +60,13 @@ def score_lines(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics: Seq
             for metric, score in compute(hyps, refs, metrics, tokenize, lowercase)]
 
 
+def score(hyps: Sequence[str], refs: Sequence, metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> List[Dict]:
+    """The Python API's scorer: `refs` is one reference per hypothesis, or a list of such
+    reference streams; returns sacreBLEU's result (name, score, signature, ...) per metric."""
+    streams = [refs] if refs and isinstance(refs[0], str) else refs
+    return score_lines(hyps, streams, metrics)
+
+
 def summary(results: List[Dict]) -> str:
     """One line per metric: `BLEU = 36.1 (nrefs:1|case:mixed|...)`."""
     return "; ".join(f"{r['name']} = {r['score']} ({r['signature']})" for r in results)

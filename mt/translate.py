@@ -177,6 +177,12 @@ class Translator:
                     h.tokens = ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if h.tokens else []
         return hyps
 
+    def translate(self, lines: Sequence[str]) -> List[str]:
+        """The best translation of each line, in order (the Python API's call)."""
+        if isinstance(lines, str):
+            raise TypeError("translate() takes a list of lines; for one line: translate([line])[0]")
+        return list(self.translate_lines(lines))
+
     def translate_lines(self, lines: Iterable[str], buffer: int = 0) -> Iterator[str]:
         """Best translation of each line, streamed in buffers of `buffer` lines."""
         for results in self.stream(lines, buffer):

@@ -197,3 +197,23 @@ def test_decode_speed_keys_are_honoured_by_the_pipeline_and_the_command_line(tra
     assert r.returncode == 0 and "decoding with int8, shortlist 50" in r.stderr.decode()
     r = sh([BIN / "mt-translate", "-m", trained, "--no-int8"], "A dog runs.\n")
     assert r.returncode == 0 and "decoding with" not in r.stderr.decode()
+
+
+def test_the_readmes_python_example_runs(trained, tmp_path, monkeypatch, capsys):
+    import re
+    import shutil
+
+    import mt
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained, tmp_path / "runs" / "multi30k_en_de_quick")  # where the example looks
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" = ")[0] for line in printed] == ["BLEU", "chrF2", "TER"]
+    assert "nrefs:1|case:mixed|eff:no|tok:13a" in printed[0]
+    assert set(mt.__all__) >= {"Translator", "score", "compose_config", "run"}
+    with pytest.raises(TypeError, match="list of lines"):
+        mt.Translator.from_path(tmp_path / "runs" / "multi30k_en_de_quick").translate("one string")
