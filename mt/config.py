@@ -64,6 +64,8 @@ class DataConfig:
     # Filters change what a split contains, so by default only the training data is filtered:
     # dropping test lines would change the BLEU that gets reported.
     filter_splits: List[str] = field(default_factory=lambda: ["train"])
+    # Processes that clean a large split (and threads that encode it); 0 = every core.
+    num_proc: int = 0
 
 
 @dataclass

@@ -10,9 +10,11 @@ fallback so that every character survives: `decode(encode(x)) == x` for normalis
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -20,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mt.config import TokenizerConfig, to_container
+from mt.data import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path) -
         input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
-        hard_vocab_limit=False, num_threads=2,
+        hard_vocab_limit=False, num_threads=available_cores(),
         minloglevel=2, train_extremely_large_corpus=False)
 
 
@@ -131,16 +134,21 @@ class IdCorpus:
 
 
 def encode_corpus(tok: Tokenizer, ds, ids_dir: Path, split: str) -> int:
-    """Encode a prepared split chunk by chunk into ids_dir/<split>.{src,tgt}.{bin,len.npy}."""
+    """Encode a prepared split chunk by chunk into ids_dir/<split>.{src,tgt}.{bin,len.npy}
+    (SentencePiece encodes each chunk on every core; a bar on a terminal shows the progress)."""
+    from tqdm import tqdm
+
     ids_dir.mkdir(parents=True, exist_ok=True)
     lengths: Dict[str, List[np.ndarray]] = {"src": [], "tgt": []}
-    with open(ids_dir / f"{split}.src.bin", "wb") as fs, open(ids_dir / f"{split}.tgt.bin", "wb") as ft:
+    bar = tqdm(total=len(ds), unit="pairs", unit_scale=True, desc=f"tokenizer: encoding {split}",
+               file=sys.stderr, disable=not sys.stderr.isatty() or len(ds) < 100_000)
+    with open(ids_dir / f"{split}.src.bin", "wb") as fs, open(ids_dir / f"{split}.tgt.bin", "wb") as ft, bar:
         for batch in ds.iter(batch_size=10_000):
             for side, f, encode in (("src", fs, tok.encode_src), ("tgt", ft, tok.encode_tgt)):
                 ids = encode(batch[side])
-                lengths[side].append(np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids)))
-                flat = np.fromiter((i for x in ids for i in x), dtype=np.int32)
-                f.write(flat.tobytes())
+                lengths[side].append(np.fromiter(map(len, ids), dtype=np.int32, count=len(ids)))
+                f.write(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32).tobytes())
+            bar.update(len(batch["src"]))
     for side in ("src", "tgt"):
         arr = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, dtype=np.int32)
         np.save(ids_dir / f"{split}.{side}.len.npy", arr)
@@ -174,6 +182,10 @@ def train_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     train = load_split(data_dir, "train")
+    sides = 2 if cfg.joint else 1
+    sample = min(cfg.input_sentence_size or sides * len(train), sides * len(train))
+    log.info("tokenizer: training SentencePiece %s (%s) on %s of %s sentences", cfg.model_type,
+             "joint" if cfg.joint else "one per side", f"{sample:,}", f"{sides * len(train):,}")
     if cfg.joint:
         _train_model(cfg, _sentences(train, ["src", "tgt"]), out_dir / "spm")
     else:

@@ -20,7 +20,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -231,11 +231,50 @@ def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any],
                                   **{k: v for k, v in result.items() if k != "bleu_signature"}}) + "\n")
 
 
-def _progress_bar(ctx, total: Optional[int], initial: int):
-    from tqdm import tqdm
+def limit_fraction(cfg, progress: Dict[str, Any], per_epoch: int) -> Optional[Tuple[float, str]]:
+    """(fraction done, limit) of the limit that ends the run first: train.max_steps, max_epochs
+    (with the current epoch's share) or max_time; None when no limit is set (patience alone)."""
+    done = []
+    if cfg.max_steps:
+        done.append((progress["step"] / cfg.max_steps, "max_steps"))
+    if cfg.max_epochs:
+        done.append(((progress["epoch"] + progress["epoch_step"] / max(per_epoch, 1)) / cfg.max_epochs, "max_epochs"))
+    if cfg.max_time:
+        done.append((progress["elapsed"] / (cfg.max_time * 60), "max_time"))
+    return max(done) if done else None
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                disable=not ctx.main or not sys.stderr.isatty())
+
+class LimitBar:
+    """tqdm over the fraction of the binding limit (its percentage and ETA), or over bare steps
+    when nothing bounds the run; shown on a terminal, on the main process only."""
+
+    SCALE = 1000  # the bar counts thousandths of the limit
+
+    def __init__(self, ctx, cfg, progress: Dict[str, Any], per_epoch: int, file=None):
+        from tqdm import tqdm
+
+        self.cfg, self.per_epoch = cfg, per_epoch
+        first = limit_fraction(cfg, progress, per_epoch)
+        fmt = ("{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if first
+               else "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]")
+        self.bar = tqdm(total=self.SCALE if first else None, initial=self._n(progress) if first else progress["step"],
+                        bar_format=fmt, dynamic_ncols=True, file=file or sys.stderr,
+                        disable=not ctx.main or not (file or sys.stderr).isatty())
+        self.disable = self.bar.disable
+
+    def _n(self, progress: Dict[str, Any]) -> float:
+        fraction, _ = limit_fraction(self.cfg, progress, self.per_epoch)
+        return min(fraction, 1.0) * self.SCALE
+
+    def update(self, progress: Dict[str, Any], **postfix: str) -> None:
+        found = limit_fraction(self.cfg, progress, self.per_epoch)
+        self.bar.update((progress["step"] if found is None else self._n(progress)) - self.bar.n)
+        self.bar.set_description(f"step {progress['step']}" + (f" ({found[1]})" if found else ""), refresh=False)
+        if postfix:
+            self.bar.set_postfix(**postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -352,11 +391,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     #       stop at max_steps / max_epochs / max_time / patience
     #   validate and save at the end if the last update was not validated
     per_update = ctx.world * tcfg.accum_steps
-    # the bar's total (hence its ETA): max_steps, else max_epochs of this epoch's length
+    # the bar shows the share done of whichever limit ends the run first, hence a true ETA
     batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])  # the loop's first epoch
-    per_epoch = len(batches) // per_update
-    total = tcfg.max_steps or (tcfg.max_epochs * per_epoch if tcfg.max_epochs else None)
-    bar = _progress_bar(ctx, total, progress["step"])
+    bar = LimitBar(ctx, tcfg, progress, len(batches) // per_update)
     window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
     validated_at = progress["step"] if last_path.exists() else -1
     model.train()
@@ -404,13 +441,11 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                 window["tokens"] += update_tokens
                 window["time"] += dt
                 step = progress["step"]
-                bar.update(1)
+                bar.update(progress)
                 if step % tcfg.log_every == 0 or step == 1:
                     tps = window["tokens"] / max(window["time"], 1e-9)
                     loss, ppl = window["loss"] / window["tokens"], math.exp(min(window["nll"] / window["tokens"], 50))
-                    left = f"{max(0.0, tcfg.max_time - progress['elapsed'] / 60):.0f}min" if tcfg.max_time else "-"
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", time_left=left,
-                                    refresh=False)
+                    bar.update(progress, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     metrics.write("train", step, {"loss": loss, "ppl": ppl, "lr": lr, "tokens_per_s": tps,
                                                   "epoch": progress["epoch"], "tf_ratio": tf})
                     log.info("step %d epoch %d: loss %.3f ppl %.2f lr %.2e %s target tokens/s",

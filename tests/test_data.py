@@ -190,3 +190,26 @@ def test_a_hub_recipe_reads_a_local_copy_with_the_copys_own_split_names(tmp_path
     with pytest.raises(DataError, match=r"data.local_dir: no such directory"):
         prepare(cfg(local_dir=str(tmp_path / "nope"), local_splits={"train": "train", "valid": "valid",
                                                                      "test": "test"}, **hub), tmp_path / "o3")
+
+
+def test_several_processes_clean_exactly_as_one(tmp_path, monkeypatch):
+    """Large splits are cleaned by data.num_proc processes in chunks; duplicates are found across
+    chunks and the first of each is kept, as one process does."""
+    import mt.data
+
+    d = tmp_path / "c"
+    d.mkdir()
+    en = [f"s{i % 7}" if i % 3 else f"w{i}" for i in range(40)] + ["", "a b c d e f g h"]
+    de = [f"t{i % 7}" if i % 3 else f"v{i}" for i in range(40)] + ["x", "y"]
+    write(d / "train.en", en)
+    write(d / "train.de", de)
+    c = cfg(d, splits={"train": "train"}, dedup=True, max_ratio=3.0)
+    one = prepare(c, tmp_path / "one")
+    monkeypatch.setattr(mt.data, "_CHUNK", 4)
+    monkeypatch.setattr(mt.data, "_PARALLEL_ROWS", 0)
+    c.num_proc = 2
+    two = prepare(c, tmp_path / "two")
+    assert one["splits"] == two["splits"] and one["splits"]["train"]["duplicate"] > 0
+    assert one["splits"]["train"]["empty"] == 1 and one["splits"]["train"]["ratio"] == 1
+    assert list(load_split(tmp_path / "one", "train")["src"]) == list(load_split(tmp_path / "two", "train")["src"])
+    assert one["fingerprint"] == two["fingerprint"]  # num_proc changes how fast, not what

@@ -216,3 +216,32 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(small
     b = params(tmp_path / "runs" / "ddp" / "checkpoints" / "last.pt")
     for k in a:  # Adam turns float noise in near-zero gradients into visible steps: lr * 6 = 0.018
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-4, msg=k)
+
+
+def test_the_progress_bar_follows_whichever_limit_ends_the_run_first():
+    import io
+    from omegaconf import OmegaConf
+
+    from mt.distributed import Context
+    from mt.train import LimitBar, limit_fraction
+
+    def cfg(**kw):
+        return OmegaConf.create({"max_steps": 0, "max_epochs": 0, "max_time": 0.0, **kw})
+
+    p = {"step": 300, "epoch": 1, "epoch_step": 50, "elapsed": 30 * 60.0}
+    assert limit_fraction(cfg(), p, 100) is None
+    assert limit_fraction(cfg(max_steps=1000), p, 100) == (0.3, "max_steps")
+    assert limit_fraction(cfg(max_epochs=3), p, 100) == (0.5, "max_epochs")
+    assert limit_fraction(cfg(max_time=90.0), p, 100) == (pytest.approx(1 / 3), "max_time")
+    assert limit_fraction(cfg(max_steps=1000, max_epochs=3, max_time=90.0), p, 100)[1] == "max_epochs"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = LimitBar(Context(), cfg(max_time=90.0), p, 100, file=out)
+    assert not bar.disable
+    bar.update({**p, "step": 301, "elapsed": 45 * 60.0}, loss="2.000")
+    bar.bar.refresh()
+    assert " 50%|" in out.getvalue() and "step 301 (max_time)" in out.getvalue() and "loss=2.000" in out.getvalue()
