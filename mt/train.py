@@ -255,8 +255,8 @@ class LimitBar:
 
         self.cfg, self.per_epoch = cfg, per_epoch
         first = limit_fraction(cfg, progress, per_epoch)
-        fmt = ("{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if first
-               else "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]")
+        fmt = ("{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if first
+               else "{desc}{n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]")
         self.bar = tqdm(total=self.SCALE if first else None, initial=self._n(progress) if first else progress["step"],
                         bar_format=fmt, dynamic_ncols=True, file=file or sys.stderr,
                         disable=not ctx.main or not (file or sys.stderr).isatty())
