@@ -30,10 +30,12 @@ for r in $(seq 1 "$ROUNDS"); do
   for side in $sides; do
     src="$ROOT"; [ "$side" = old ] && src="$TREE"
     work="$OUT/$side-$r"; rm -rf "$work"; mkdir -p "$work"
-    cache=(); grep -q 'cache_dir: str' "$src/mt/config.py" && cache=("cache_dir=$work/cache")
+    extra=(); grep -q 'cache_dir: str' "$src/mt/config.py" && extra=("cache_dir=$work/cache")
+    # before data.local_splits, a local copy had to be given its split names by hand
+    grep -q 'local_splits' "$src/mt/config.py" || extra+=("data.splits={train:train,valid:valid,test:test}")
     (cd "$src" && PYTHONPATH="$src" /usr/bin/time -v "$PY" -m mt.pipeline recipe=tatoeba_en_de \
        data.local_dir="$BIG" stages=[prepare,tokenizer] name=prep hydra.run.dir="$work/run" \
-       "${cache[@]}" > "$work/log.txt" 2>&1) || sed -n '/Traceback\|error/,$p' "$work/log.txt"
+       "${extra[@]}" > "$work/log.txt" 2>&1) || sed -n '/Traceback\|error/,$p' "$work/log.txt"
     wall=$(grep 'Elapsed (wall' "$work/log.txt" | awk '{print $NF}')
     rss=$(grep 'Maximum resident' "$work/log.txt" | awk '{print $NF}')
     secs=$(echo "$wall" | awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
