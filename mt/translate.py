@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-from mt import version_string
-
 import torch
 
 from mt import checkpoint as ckpt_io
+from mt import version_string
 from mt.batches import pad
 from mt.config import DecodeConfig, ModelConfig, structured
 from mt.data import normalize
