@@ -257,6 +257,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError("set train.batch_tokens or train.batch_size to a positive number")
     if cfg.decode.beam_size < 1 or cfg.decode.n_best < 1 or cfg.decode.n_best > cfg.decode.beam_size:
         raise ConfigError("decode: need 1 <= n_best <= beam_size")
+    if cfg.data.num_proc < 0:
+        raise ConfigError(f"data.num_proc must be >= 0 (0 = every core), got {cfg.data.num_proc}")
     if cfg.decode.shortlist < 0:
         raise ConfigError(f"decode.shortlist must be >= 0 (0 = off), got {cfg.decode.shortlist}")
     return cfg

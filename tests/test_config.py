@@ -68,3 +68,10 @@ def test_cli_misspelled_key_exits_nonzero(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mt.pipeline", "train.lrr=1"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "train.lrr" in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [("data.num_proc=-1", "data.num_proc must be >= 0"),
+                                              ("decode.shortlist=-5", "decode.shortlist must be >= 0")])
+def test_the_new_counts_are_range_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([override])
