@@ -3,8 +3,9 @@
 The dataclasses below are the single source of truth for every key and default. Choice fields are
 annotated with ``Literal[...]``. OmegaConf 2.3 (the version Hydra 1.3 requires) cannot validate
 ``Literal``, so the schema handed to Hydra is a mirror of these classes with ``Literal`` replaced by
-``str``, and :func:`validate` checks the choices after composition. Struct mode comes with the
-structured schema, so a misspelled key fails at composition with Hydra's message naming it.
+``str``, and :func:`validate` checks the choices, and every number's range (``RANGES``), after
+composition. Struct mode comes with the structured schema, so a misspelled key fails at
+composition with Hydra's message naming it.
 
     cfg = compose_config(["recipe=multi30k_en_de", "tokenizer.vocab_size=4000"])   # tests
     mt-train recipe=multi30k_en_de tokenizer.vocab_size=4000                      # shell
@@ -127,6 +128,11 @@ class TrainConfig:
     # > 1: keep the weights of the last N validations; when training stops, validate their
     # average and make it best.pt if it scores better (fairseq's average_checkpoints.py)
     average_last: int = 0
+    # non-finite losses or gradients in a row before the run stops (each such update is skipped)
+    max_nonfinite: int = 5
+    # full checkpoints (with optimizer state) of the latest validations kept as step_*.pt besides last.pt;
+    # resume falls back to them when last.pt cannot be read (at least train.average_last are kept)
+    keep_checkpoints: int = 2
     # Scheduled sampling: probability of feeding the reference token, decaying over steps.
     teacher_forcing: float = 1.0
     tf_schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
@@ -178,6 +184,97 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+# --- allowed ranges ---------------------------------------------------------------------------
+# Every int and float key (a list: each of its values), in interval notation: [ ] includes the
+# bound, ( ) excludes it, "A or B" allows either. structured() and validate() refuse a value
+# outside, naming key, value and range, so the loop never divides by a 0 nobody meant; a
+# numeric key without an entry fails tests/test_config.py.
+SEED = "[0, 4294967295]"  # SentencePiece takes a uint32 seed; numpy and torch accept the same
+RANGES: Dict[str, str] = {
+    "seed": SEED,
+    "data.max_words": "[0, inf)",  # 0 = off
+    "data.max_ratio": "0 or [1, inf)",  # 0 = off; a ratio below 1 would drop every pair
+    "data.num_proc": "[0, inf)",  # 0 = every core
+    # 4 special pieces, the word boundary and one character (more with byte_fallback: _tokenizer_rules)
+    "tokenizer.vocab_size": "[6, inf)",
+    "tokenizer.character_coverage": "(0, 1]",
+    "tokenizer.input_sentence_size": "[0, inf)",  # 0 = all
+    "tokenizer.seed": SEED,
+    "model.emb_size": "[1, inf)", "model.enc_hidden": "[1, inf)", "model.enc_layers": "[1, inf)",
+    "model.dec_hidden": "[1, inf)", "model.dec_layers": "[1, inf)", "model.attn_size": "[1, inf)",
+    "model.dropout": "[0, 1)", "model.emb_dropout": "[0, 1)",  # 1 would drop everything
+    # no upper bound: a diverging lr is the training loop's business (it stops on non-finite losses)
+    "train.lr": "(0, inf)", "train.betas": "[0, 1)", "train.weight_decay": "[0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.min_lr": "[0, inf)",
+    "train.plateau_factor": "(0, 1]", "train.plateau_patience": "[0, inf)",
+    "train.label_smoothing": "[0, 1)",  # 1 would leave no mass on the reference
+    "train.clip_norm": "[0, inf)",  # 0 = off
+    "train.batch_tokens": "[0, inf)", "train.batch_size": "[0, inf)",  # one of them > 0: _train_rules
+    "train.bucket_batches": "[1, inf)", "train.accum_steps": "[1, inf)",
+    "train.max_len": "[2, inf)",  # a side is its pieces + EOS: 2 holds a one-piece sentence
+    "train.max_steps": "[0, inf)", "train.max_epochs": "[0, inf)", "train.max_time": "[0, inf)",  # 0 = no limit
+    "train.valid_every": "[1, inf)", "train.valid_max_sentences": "[0, inf)", "train.patience": "[0, inf)",
+    "train.average_last": "[0, inf)", "train.max_nonfinite": "[1, inf)", "train.keep_checkpoints": "[0, inf)",
+    "train.teacher_forcing": "[0, 1]", "train.tf_min": "[0, 1]",  # probabilities
+    "train.tf_decay_steps": "[1, inf)",
+    "train.threads": "[0, inf)",  # 0 = torch's default
+    "train.log_every": "[1, inf)",
+    "decode.beam_size": "[1, inf)", "decode.n_best": "[1, inf)", "decode.alpha": "[0, inf)",
+    "decode.max_len_a": "[0, inf)", "decode.max_len_b": "[0, inf)",  # room for a token: _decode_rules
+    "decode.temperature": "(0, inf)",
+    "decode.top_k": "[0, inf)",  # 0 = off
+    "decode.top_p": "(0, 1]",  # 1 = off
+    "decode.seed": SEED, "decode.batch_size": "[1, inf)",
+    "decode.shortlist": "[0, inf)",  # 0 = off
+}
+# SentencePiece adds 256 byte pieces for byte_fallback (bpe and unigram models only).
+BYTE_FALLBACK_MIN_VOCAB = 4 + 256 + 2
+
+
+def _intervals(text: str) -> List[tuple]:
+    """'[0, 1)' -> [(True, '0', '1', False)]; '0 or [1, inf)' -> a point and an interval."""
+    out = []
+    for part in text.split(" or "):
+        if part[0] not in "[(":  # a single value
+            part = f"[{part}, {part}]"
+        lo, hi = (bound.strip() for bound in part[1:-1].split(","))
+        out.append((part[0] == "[", lo, hi, part[-1] == "]"))
+    return out
+
+
+def _in_range(value: float, text: str) -> bool:
+    """Whether value lies in the range `text` (RANGES notation); NaN lies in none."""
+    for lo_closed, lo, hi, hi_closed in _intervals(text):
+        low, high = float(lo), float(hi)
+        if (low < value or lo_closed and value == low) and (value < high or hi_closed and value == high):
+            return True
+    return False
+
+
+def _describe(text: str) -> str:
+    """'[1, inf)' -> '>= 1', '(0, inf)' -> '> 0', '[0, 1)' -> 'in [0, 1)', for messages."""
+    words = []
+    for lo_closed, lo, hi, hi_closed in _intervals(text):
+        if lo == hi:
+            words.append(lo)
+        elif hi == "inf":
+            words.append((">= " if lo_closed else "> ") + lo)
+        else:
+            words.append(f"in {'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}")
+    return " or ".join(words)
+
+
+def _check_range(key: str, value: Any) -> None:
+    values = list(enumerate(value)) if isinstance(value, (list, ListConfig)) else [(None, value)]
+    for i, v in values:
+        # bool is an int subclass but no number here; a wrong type is OmegaConf's message already
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not _in_range(v, RANGES[key]):
+            name = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"{name}={v} is out of range: must be {_describe(RANGES[key])}")
+
+
 # --- Hydra registration -----------------------------------------------------------------------
 
 def _omegaconf_mirror(cls: type, cache: dict) -> type:
@@ -207,8 +304,14 @@ def structured(obj: Any) -> DictConfig:
     node = OmegaConf.structured(_omegaconf_mirror(cls, {}))
     for key, value in dataclasses.asdict(obj).items():
         node[key] = value  # assignment, not merge: a dict value replaces the default dict
-    _check_choices(cls, node, "")
+    _check_node(cls, node, _prefix(cls))
     return node
+
+
+def _prefix(cls: type) -> str:
+    """'decode.' for DecodeConfig (its place in Config): messages and RANGES use full keys."""
+    hints = typing.get_type_hints(Config)
+    return next((f.name + "." for f in dataclasses.fields(Config) if hints[f.name] is cls), "")
 
 
 def register_configs() -> None:
@@ -218,7 +321,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=_omegaconf_mirror(Config, {}))
 
 
-def _check_choices(cls: type, node: Any, prefix: str) -> None:
+def _check_node(cls: type, node: Any, prefix: str) -> None:
+    """Unknown keys, choices, ranges, then the component's own rules (_RULES), depth first."""
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(node.keys()) - set(hints) - {"hydra"})
     if unknown:  # struct mode stops typos, but `+key=value` deliberately bypasses it
@@ -229,13 +333,44 @@ def _check_choices(cls: type, node: Any, prefix: str) -> None:
         if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
             choices = ", ".join(typing.get_args(tp))
             raise ConfigError(f"{key}={value!r} is not one of: {choices}")
+        if key in RANGES:
+            _check_range(key, value)
         if dataclasses.is_dataclass(tp):
-            _check_choices(tp, value, key + ".")
+            _check_node(tp, value, key + ".")
+    if cls in _RULES:
+        _RULES[cls](node, prefix)
+
+
+# Rules within one component run wherever the component is checked: mt-translate builds a
+# DecodeConfig with structured(), mt-train composes the whole Config.
+def _tokenizer_rules(t: Any, prefix: str) -> None:
+    if t.byte_fallback and t.model_type in ("bpe", "unigram") and t.vocab_size < BYTE_FALLBACK_MIN_VOCAB:
+        raise ConfigError(f"{prefix}vocab_size={t.vocab_size} is out of range: must be >= "
+                          f"{BYTE_FALLBACK_MIN_VOCAB} with {prefix}byte_fallback=true (256 byte pieces "
+                          f"besides the 4 special ones, the word boundary and a character)")
+
+
+def _train_rules(t: Any, prefix: str) -> None:
+    if len(t.betas) != 2:
+        raise ConfigError(f"{prefix}betas={list(t.betas)} needs 2 values (Adam's beta1 and beta2)")
+    if t.batch_tokens < 1 and t.batch_size < 1:
+        raise ConfigError(f"set {prefix}batch_tokens or {prefix}batch_size to a positive number")
+
+
+def _decode_rules(d: Any, prefix: str) -> None:
+    # mt.search.max_lengths caps an output at floor(a * source pieces + b) tokens, EOS included
+    if d.max_len_a + d.max_len_b < 2:
+        raise ConfigError(f"{prefix}max_len_a={d.max_len_a} with {prefix}max_len_b={d.max_len_b} leaves a "
+                          "one-piece source no token (the cap floor(a * pieces + b) counts EOS): "
+                          "need max_len_a + max_len_b >= 2")
+
+
+_RULES = {TokenizerConfig: _tokenizer_rules, TrainConfig: _train_rules, DecodeConfig: _decode_rules}
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check choices and cross-field rules; raise ConfigError naming the key. Returns cfg."""
-    _check_choices(Config, cfg, "")
+    """Check choices, ranges and cross-field rules; raise ConfigError naming the key. Returns cfg."""
+    _check_node(Config, cfg, "")
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages: unknown stage {stage!r}; known: {', '.join(STAGES)}")
@@ -248,19 +383,9 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(
                 f"model.attention=dot needs encoder outputs ({enc_out}) == model.dec_hidden "
                 f"({m.dec_hidden}); use attention=general or change the sizes")
-    for key in ("emb_size", "enc_hidden", "dec_hidden", "enc_layers", "dec_layers", "attn_size"):
-        if m[key] < 1:
-            raise ConfigError(f"model.{key} must be >= 1, got {m[key]}")
-    if not 0.0 <= cfg.train.teacher_forcing <= 1.0:
-        raise ConfigError("train.teacher_forcing must be within [0, 1]")
-    if cfg.train.batch_tokens < 1 and cfg.train.batch_size < 1:
-        raise ConfigError("set train.batch_tokens or train.batch_size to a positive number")
-    if cfg.decode.beam_size < 1 or cfg.decode.n_best < 1 or cfg.decode.n_best > cfg.decode.beam_size:
-        raise ConfigError("decode: need 1 <= n_best <= beam_size")
-    if cfg.data.num_proc < 0:
-        raise ConfigError(f"data.num_proc must be >= 0 (0 = every core), got {cfg.data.num_proc}")
-    if cfg.decode.shortlist < 0:
-        raise ConfigError(f"decode.shortlist must be >= 0 (0 = off), got {cfg.decode.shortlist}")
+    # Here, not in _decode_rules: mt-translate --sample --n-best 5 draws 5 samples with beam_size 1.
+    if cfg.decode.n_best > cfg.decode.beam_size:
+        raise ConfigError(f"decode.n_best={cfg.decode.n_best} exceeds decode.beam_size={cfg.decode.beam_size}")
     return cfg
 
 
