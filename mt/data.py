@@ -22,11 +22,13 @@ import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
 import tempfile
 import unicodedata
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -49,8 +51,9 @@ _INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x7f\u00ad\u200b\u2060\ufeff]")
 _RUNS = re.compile(" {2,}")
 
 
-class DataError(Exception):
-    """Unusable input data; the message is one line naming the file, line, dataset or field."""
+class DataError(ValueError):
+    """Unusable input data; the message is one line naming the file, line, dataset or field.
+    A ValueError, so that every command's one-line error handler reports it."""
 
 
 def normalize(text: str) -> str:
@@ -81,17 +84,48 @@ def read_lines(path: Path) -> Iterator[str]:
     """Lines of a UTF-8 file (plain or gzip), split on LF only so that U+2028, form feeds and
     other exotic separators inside a sentence never shift parallel lines out of step."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    except (EOFError, OSError, zlib.error) as e:  # a truncated download, a .gz that is no gzip
+        raise read_error(str(path), e) from None
 
 
-def check_utf8(path: Path) -> None:
-    for _ in read_lines(path):
-        pass
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zip": "zip"}
+
+
+def read_error(path: Optional[str], e: BaseException, where: Optional[str] = None) -> DataError:
+    """One line for a file that cannot be read; a truncated or corrupt archive says so."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    fmt = _COMPRESSED.get(Path(path).suffix) if path else None
+    if fmt and isinstance(e, (EOFError, OSError, zlib.error, lzma.LZMAError)):
+        reason = f"truncated or corrupt {fmt} ({reason})"
+    return DataError(": ".join(part for part in (where, path, reason) if part))
+
+
+def unwrap_datasets_error(e: BaseException, path: Optional[str] = None, where: Optional[str] = None) -> DataError:
+    """datasets wraps a reader's error in DatasetGenerationError (40 lines, no file name): the
+    root cause instead, and the file that datasets' reader was reading when it raised."""
+    from datasets.exceptions import DatasetsError
+
+    while isinstance(e, DatasetsError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    tb, file = e.__traceback__, None
+    while tb is not None:  # the readers (datasets/packaged_modules/*) loop over `file`
+        value = tb.tb_frame.f_locals.get("file")
+        if "packaged_modules" in tb.tb_frame.f_code.co_filename and isinstance(value, str):
+            file = value.split("::")[-1]  # "gzip://train.jsonl::/data/train.jsonl.gz"
+        tb = tb.tb_next
+    return read_error(file or path, e, where)
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines; reading them all checks the UTF-8 and the compression first."""
+    return sum(1 for line in read_lines(path) if line.strip())
 
 
 def _count_rest(lines: Iterator[str]) -> int:
@@ -159,23 +193,25 @@ def _load_hub(cfg: DataConfig, split: str):
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
-    name = f"{cfg.path}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
     cache_dir = str(Path(cfg.hub_cache_dir).expanduser()) if cfg.hub_cache_dir else None
     try:
         ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=split, cache_dir=cache_dir)
     except DatasetNotFoundError as e:
         raise DataError(f"Hub dataset {cfg.path!r} not found: {str(e).splitlines()[0]}") from None
-    except (ValueError, KeyError, ConnectionError, OSError) as e:
-        # unknown config or split: datasets' message lists the available ones
-        raise DataError(f"Hub dataset {name}, split {split!r}: {' '.join(str(e).split())}") from None
-    return _select_fields(ds, cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang,
-                          f"Hub dataset {name}")
+    except Exception as e:  # unknown config or split (the message lists the available ones), a bad file
+        raise unwrap_datasets_error(e, where=f"{_hub_name(cfg)}, split {split!r}") from None
+    return _select_fields(ds, cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang, _hub_name(cfg))
+
+
+def _hub_name(cfg: DataConfig) -> str:
+    return f"Hub dataset {cfg.path}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
 
 
 def _load_tsv(cfg: DataConfig, path: Path, cache_dir: str):
     import datasets
 
-    check_utf8(path)
+    if not count_lines(path):  # prepare names the empty file (pandas: "No columns to parse")
+        return datasets.Dataset.from_dict({"src": [], "tgt": []})
     first = next(read_lines(path), "")
     columns = first.split("\t") if cfg.tsv_header else [str(i) for i in range(len(first.split("\t")))]
     features = datasets.Features({c: datasets.Value("string") for c in columns})
@@ -184,24 +220,29 @@ def _load_tsv(cfg: DataConfig, path: Path, cache_dir: str):
             "csv", data_files={"split": str(path)}, split="split", cache_dir=cache_dir,
             delimiter="\t", quoting=3, header=0 if cfg.tsv_header else None,
             column_names=columns, features=features, keep_default_na=False, na_filter=False)
-    except Exception as e:  # pandas' parser error carries the line number
-        cause = e.__cause__ or e
-        raise DataError(f"{path}: {' '.join(str(cause).split())}") from None
+    except Exception as e:  # pandas' parser error (the root cause) carries the line number
+        raise unwrap_datasets_error(e, str(path)) from None
     return _select_fields(ds, cfg.src_field or "0", cfg.tgt_field or "1", str(path))
 
 
 def _load_jsonl(cfg: DataConfig, path: Path, cache_dir: str):
     import datasets
 
-    check_utf8(path)
+    rows = 0
     for number, line in enumerate(read_lines(path), start=1):
         if line.strip():
+            rows += 1
             try:
                 json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-    ds = datasets.load_dataset("json", data_files={"split": str(path)}, split="split",
-                               cache_dir=cache_dir)
+    if not rows:  # prepare names the empty file
+        return datasets.Dataset.from_dict({"src": [], "tgt": []})
+    try:
+        ds = datasets.load_dataset("json", data_files={"split": str(path)}, split="split",
+                                   cache_dir=cache_dir)
+    except Exception as e:
+        raise unwrap_datasets_error(e, str(path)) from None
     return _select_fields(ds, cfg.src_field or cfg.src_lang, cfg.tgt_field or cfg.tgt_lang, str(path))
 
 
@@ -260,6 +301,16 @@ def load_source(cfg: DataConfig, split: str, cache_dir: str):
     if cfg.source == "tsv":
         return _load_tsv(cfg, _find(base / f"{split}.tsv"), cache_dir)
     return _load_jsonl(cfg, _find(base / f"{split}.jsonl"), cache_dir)
+
+
+def describe_source(cfg: DataConfig, split: str) -> str:
+    """What load_source reads for a split, for messages: both files, the file, or the Hub split."""
+    if cfg.local_dir or cfg.source == "text":
+        base = resolve_path(cfg.local_dir or cfg.path)
+        return " and ".join(str(_find(base / f"{split}.{lang}")) for lang in (cfg.src_lang, cfg.tgt_lang))
+    if cfg.source == "hub":
+        return f"{_hub_name(cfg)}, split {split!r}"
+    return str(_find(resolve_path(cfg.path) / f"{split}.{cfg.source}"))
 
 
 # --- normalisation and filters (one path for every source) -------------------------------------
@@ -360,6 +411,24 @@ def is_done(out_dir: Path, stamp: str) -> bool:
     return stats_file.is_file() and json.loads(stats_file.read_text()).get("fingerprint") == stamp
 
 
+def _empty_split(cfg: DataConfig, split: str, source_split: str) -> DataError:
+    # here, not as an IndexError or "no data" inside SentencePiece: train, valid and test are all used
+    key = "data.local_splits" if cfg.local_dir and cfg.local_splits is not None else "data.splits"
+    return DataError(f"{describe_source(cfg, source_split)}: empty, no sentence pairs for the {split} split: "
+                     f"fill it or point {key}.{split} at other data")
+
+
+def _all_filtered(cfg: DataConfig, split: str, source_split: str, stats: Dict[str, int]) -> DataError:
+    keys = {"too_long": f"data.max_words={cfg.max_words}", "ratio": f"data.max_ratio={cfg.max_ratio}",
+            "duplicate": f"data.dedup={str(cfg.dedup).lower()}"}
+    counts = ", ".join([f"empty side: {stats['empty']}"] + [f"{keys[r]}: {stats[r]}" for r in keys])
+    relax = [keys[r].split("=")[0] for r in ("too_long", "ratio") if stats[r]]
+    advice = (f"relax {' or '.join(relax)} (0 = off)" if relax
+              else "every pair has an empty side: check the files")
+    return DataError(f"{describe_source(cfg, source_split)}: no {split} pairs left after the filters, "
+                     f"0 of {stats['read']} kept (removed by {counts}); {advice}")
+
+
 def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, Any]:
     """Load, normalise, filter and save every split; returns (and writes) the statistics."""
     import datasets
@@ -378,7 +447,11 @@ def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, An
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".cache-") as cache_dir:
         for split, source_split in splits.items():
             ds = load_source(cfg, source_split, cache_dir)
+            if len(ds) == 0:
+                raise _empty_split(cfg, split, source_split)
             ds, split_stats = _clean(ds, cfg, apply_filters=split in cfg.filter_splits)
+            if split_stats["kept"] == 0:
+                raise _all_filtered(cfg, split, source_split, split_stats)
             ds.save_to_disk(str(out_dir / split))
             stats["splits"][split] = split_stats
             removed = ", ".join(f"{r} {split_stats[r]}" for r in REASONS[1:] if split_stats[r])
@@ -408,9 +481,3 @@ def load_split(data_dir: Path, split: str):
     if not path.is_dir():
         raise DataError(f"no prepared split {split!r} in {data_dir}: run the prepare stage")
     return datasets.load_from_disk(str(path))
-
-
-def iter_pairs(ds, batch_size: int = _CHUNK) -> Iterator[Tuple[List[str], List[str]]]:
-    """(src lines, tgt lines) in chunks, without materialising the whole split."""
-    for batch in ds.iter(batch_size=batch_size):
-        yield batch["src"], batch["tgt"]

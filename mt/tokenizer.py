@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,13 +23,17 @@ import numpy as np
 import sentencepiece as spm
 
 from mt.config import TokenizerConfig, to_container
-from mt.data import available_cores
+from mt.data import DataError, available_cores
 
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
 STAMP_FILE = "stamp.json"
+
+
+class TokenizerError(ValueError):
+    """SentencePiece cannot train with these settings on this data; one line naming the key."""
 
 
 class Tokenizer:
@@ -85,17 +90,31 @@ class Tokenizer:
         return [self.src.id_to_piece(int(i)) for i in ids]
 
 
-def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path) -> None:
+def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path, where: str) -> None:
+    first = next(sentences, None)
+    if first is None:  # prepare refuses empty splits; SentencePiece would say only "no data"
+        raise DataError(f"{where}: no sentences to train SentencePiece on: run the prepare stage again (force=true)")
     spm.set_random_generator_seed(cfg.seed)  # input sampling is reproducible
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences, model_prefix=str(prefix), model_type=cfg.model_type,
-        vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
-        byte_fallback=cfg.byte_fallback and cfg.model_type in ("bpe", "unigram"),
-        input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
-        hard_vocab_limit=False, num_threads=available_cores(),
-        minloglevel=2, train_extremely_large_corpus=False)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], sentences), model_prefix=str(prefix),
+            model_type=cfg.model_type, vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback and cfg.model_type in ("bpe", "unigram"),
+            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
+            hard_vocab_limit=False, num_threads=available_cores(),
+            minloglevel=2, train_extremely_large_corpus=False)
+    except RuntimeError as e:  # the data and the vocabulary do not fit: the user's to fix
+        raise TokenizerError(f"tokenizer.vocab_size={cfg.vocab_size}: SentencePiece cannot train "
+                             f"{prefix.name}.model on {where}: {_spm_reason(e)}") from None
+
+
+def _spm_reason(e: RuntimeError) -> str:
+    """SentencePiece's own sentence, without the C++ file and condition in front of it:
+    'INTERNAL: src/trainer_interface.cc(638) [(...) <= (...)] Vocabulary size is smaller ...'."""
+    text = " ".join(str(e).split())
+    return re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", text) or text
 
 
 def _sentences(ds, columns: Sequence[str]) -> Iterator[str]:
@@ -186,11 +205,12 @@ def train_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
     sample = min(cfg.input_sentence_size or sides * len(train), sides * len(train))
     log.info("tokenizer: training SentencePiece %s (%s) on %s of %s sentences", cfg.model_type,
              "joint" if cfg.joint else "one per side", f"{sample:,}", f"{sides * len(train):,}")
+    where = f"the train split in {data_dir}"
     if cfg.joint:
-        _train_model(cfg, _sentences(train, ["src", "tgt"]), out_dir / "spm")
+        _train_model(cfg, _sentences(train, ["src", "tgt"]), out_dir / "spm", where)
     else:
-        _train_model(cfg, _sentences(train, ["src"]), out_dir / "src")
-        _train_model(cfg, _sentences(train, ["tgt"]), out_dir / "tgt")
+        _train_model(cfg, _sentences(train, ["src"]), out_dir / "src", f"{where} (source side)")
+        _train_model(cfg, _sentences(train, ["tgt"]), out_dir / "tgt", f"{where} (target side)")
     tok = Tokenizer.from_dir(out_dir)
     vocab = (f"{tok.src_vocab_size} (joint)" if tok.joint
              else f"source {tok.src_vocab_size}, target {tok.tgt_vocab_size}")

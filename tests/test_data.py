@@ -213,3 +213,106 @@ def test_several_processes_clean_exactly_as_one(tmp_path, monkeypatch):
     assert one["splits"]["train"]["empty"] == 1 and one["splits"]["train"]["ratio"] == 1
     assert list(load_split(tmp_path / "one", "train")["src"]) == list(load_split(tmp_path / "two", "train")["src"])
     assert one["fingerprint"] == two["fingerprint"]  # num_proc changes how fast, not what
+
+
+# --- unusable data: one line naming the file and what to do (issue 12) ---------------------------
+
+def test_blank_lines_or_filtered_away_train_data_names_the_files_and_the_filter_counts(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    write(d / "train.en", ["", " ", "", ""])
+    write(d / "train.de", ["", "", "\u00a0", ""])
+    with pytest.raises(DataError) as e:
+        prepare(cfg(d, splits={"train": "train"}), tmp_path / "o")
+    msg = str(e.value)
+    assert msg.startswith(f"{d}/train.en and {d}/train.de: no train pairs left after the filters, 0 of 4 kept")
+    assert "empty side: 4, data.max_words=200: 0, data.max_ratio=4.0: 0" in msg and "\n" not in msg
+    write(d / "train.en", ["a b c d", "a"])
+    write(d / "train.de", ["w x y z", "x y z"])
+    with pytest.raises(DataError, match=r"0 of 2 kept .*data.max_words=3: 1, data.max_ratio=2.0: 1.*"
+                                         r"relax data.max_words or data.max_ratio \(0 = off\)$"):
+        prepare(cfg(d, splits={"train": "train"}, max_words=3, max_ratio=2.0), tmp_path / "o")
+
+
+def test_empty_files_of_every_source_and_split_are_named(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    for name in ("train.en", "train.de", "train.tsv", "train.jsonl"):
+        write(d / name, b"")
+    for source, files in (("text", f"{d}/train.en and {d}/train.de"), ("tsv", f"{d}/train.tsv"),
+                          ("jsonl", f"{d}/train.jsonl")):
+        with pytest.raises(DataError) as e:
+            prepare(cfg(d, source=source, splits={"train": "train"}), tmp_path / "o")
+        assert str(e.value) == (f"{files}: empty, no sentence pairs for the train split: "
+                                "fill it or point data.splits.train at other data")
+    write(d / "train.en", ["a"])
+    write(d / "train.de", ["b"])
+    write(d / "valid.en", b"\n")  # evaluation splits are not filtered, but an empty one is useless
+    write(d / "valid.de", b"\n")
+    with pytest.raises(DataError, match=f"^{d}/valid.en and {d}/valid.de: no valid pairs left"):
+        prepare(cfg(d, filter_splits=["train", "valid"]), tmp_path / "o")
+    write(d / "valid.en", b"")
+    write(d / "valid.de", b"")
+    with pytest.raises(DataError, match=f"^{d}/valid.en and {d}/valid.de: empty, no sentence pairs for the valid split"):
+        prepare(cfg(d), tmp_path / "o")
+
+
+def test_a_truncated_or_corrupt_gzip_is_one_line_naming_it(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    data = gzip.compress(("\n".join(f"sentence {i}" for i in range(500)) + "\n").encode())
+    (d / "train.en.gz").write_bytes(data[: len(data) // 2])
+    write(d / "train.de", [f"Satz {i}" for i in range(500)], gz=True)
+    with pytest.raises(DataError) as e:
+        prepare(cfg(d, splits={"train": "train"}), tmp_path / "o")
+    assert str(e.value) == (f"{d}/train.en.gz: truncated or corrupt gzip "
+                            "(Compressed file ended before the end-of-stream marker was reached)")
+    (d / "train.en.gz").write_bytes(b"plain text, no gzip\n")
+    with pytest.raises(DataError, match=rf"^{d}/train.en.gz: truncated or corrupt gzip \(Not a gzipped file"):
+        prepare(cfg(d, splits={"train": "train"}), tmp_path / "o")
+
+
+def test_an_error_inside_datasets_is_unwrapped_to_the_file_and_the_cause(tmp_path):
+    """datasets raises DatasetGenerationError ("An error occurred while generating the dataset")
+    from the reader's error: the message names the file being read and that root cause."""
+    d = tmp_path / "hubdir"
+    d.mkdir()
+    rows = gzip.compress("".join(json.dumps({"translation": {"en": f"a {i}", "de": f"b {i}"}}) + "\n"
+                                 for i in range(100)).encode())
+    (d / "train-00000-of-00002.jsonl.gz").write_bytes(rows)  # features are inferred from this one
+    (d / "train-00001-of-00002.jsonl.gz").write_bytes(rows[: len(rows) // 2])
+    c = cfg(d, source="hub", splits={"train": "train"}, src_field="translation.en", tgt_field="translation.de")
+    with pytest.raises(DataError) as e:
+        prepare(c, tmp_path / "o")
+    assert str(e.value) == (f"Hub dataset {d}, split 'train': {d}/train-00001-of-00002.jsonl.gz: truncated or "
+                            "corrupt gzip (Compressed file ended before the end-of-stream marker was reached)")
+    write(d / "train.tsv", ["a\tb", "c\td\te"])  # pandas' ParserError inside datasets' csv reader
+    with pytest.raises(DataError) as e:
+        prepare(cfg(d, source="tsv", splits={"train": "train"}), tmp_path / "o")
+    assert str(e.value) == f"{d}/train.tsv: Error tokenizing data. C error: Expected 2 fields in line 2, saw 3"
+
+
+@pytest.mark.parametrize("case", ["blank", "zero_bytes", "truncated_gz"])
+def test_mt_train_reports_unusable_train_data_in_one_line(tmp_path, case):
+    """The issue's three reports, through the command: exit 1, one error line, no traceback."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "c"
+    d.mkdir()
+    for split in ("valid", "test2016"):
+        write(d / f"{split}.en", ["a b"])
+        write(d / f"{split}.de", ["c d"])
+    lines = {"blank": ["", "", "", ""], "zero_bytes": b""}.get(case, [f"word {i}" for i in range(300)])
+    write(d / "train.en", lines, gz=case == "truncated_gz")
+    write(d / "train.de", lines, gz=case == "truncated_gz")
+    if case == "truncated_gz":
+        data = (d / "train.en.gz").read_bytes()
+        (d / "train.en.gz").write_bytes(data[: len(data) // 2])
+    r = subprocess.run([sys.executable, "-m", "mt.pipeline", "stages=[prepare,tokenizer]", f"data.path={d}",
+                        "tokenizer.vocab_size=300", "name=bad"], cwd=tmp_path, capture_output=True, text=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith(f"mt-train: error: {d}/train.en"), last
+    assert {"blank": "0 of 4 kept", "zero_bytes": "empty, no sentence pairs",
+            "truncated_gz": "truncated or corrupt gzip"}[case] in last

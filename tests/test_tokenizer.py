@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mt.config import DataConfig, TokenizerConfig, structured
-from mt.data import load_split, normalize, prepare
-from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, IdCorpus, Tokenizer, train_tokenizer
+from mt.data import DataError, load_split, normalize, prepare
+from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, IdCorpus, Tokenizer, TokenizerError, train_tokenizer
 
 from conftest import builtin_lines
 
@@ -72,3 +72,42 @@ def test_stage_skips_when_done_and_vocab_override_retrains(prepared, tmp_path):
     tok = train_tokenizer(tok_cfg(vocab_size=800), prepared, out)
     assert tok.src_vocab_size == 800 and model.read_bytes() != before[1]
     assert Tokenizer.from_dir(out).fingerprint() == tok.fingerprint()
+
+
+def test_a_vocabulary_that_does_not_fit_the_data_is_one_line_naming_the_key(tmp_path):
+    """300 distinct characters need more than 280 pieces: SentencePiece's RuntimeError becomes
+    one line with its own reason, without the C++ file and condition."""
+    chars = [chr(0x4E00 + i) for i in range(300)]
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "train.en").write_text("".join(f"{c} x\n" for c in chars), encoding="utf-8")
+    (d / "train.de").write_text("".join(f"{c} y\n" for c in chars), encoding="utf-8")
+    prepare(structured(DataConfig(path=str(d), splits={"train": "train"})), tmp_path / "data")
+    with pytest.raises(TokenizerError) as e:
+        train_tokenizer(tok_cfg(vocab_size=280), tmp_path / "data", tmp_path / "tok")
+    assert str(e.value) == (f"tokenizer.vocab_size=280: SentencePiece cannot train spm.model on the train split in "
+                            f"{tmp_path}/data: Vocabulary size is smaller than required_chars. 280 vs 563. "
+                            "Increase vocab_size or decrease character_coverage with --character_coverage option.")
+
+
+def test_a_vocabulary_too_large_for_the_data_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    """With hard_vocab_limit=False this SentencePiece build trains a smaller vocabulary instead of
+    refusing, so its refusal (as other builds word it) is simulated."""
+    import mt.tokenizer
+
+    def refuse(**kw):
+        raise RuntimeError("Internal: src/trainer_interface.cc(664) [(trainer_spec_.vocab_size()) == "
+                           "(model_proto->pieces_size())] Vocabulary size too high (9000). Please set it to a value <= 527.")
+
+    monkeypatch.setattr(mt.tokenizer.spm.SentencePieceTrainer, "train", refuse)
+    with pytest.raises(TokenizerError) as e:
+        mt.tokenizer._train_model(tok_cfg(vocab_size=9000), iter(["a b"]), tmp_path / "src", "X")
+    assert str(e.value) == ("tokenizer.vocab_size=9000: SentencePiece cannot train src.model on X: "
+                            "Vocabulary size too high (9000). Please set it to a value <= 527.")
+
+
+def test_sentencepiece_never_sees_an_empty_split(tmp_path):
+    import mt.tokenizer
+
+    with pytest.raises(DataError, match=r"^the train split in runs/x/data: no sentences to train SentencePiece on"):
+        mt.tokenizer._train_model(tok_cfg(), iter([]), tmp_path / "spm", "the train split in runs/x/data")
