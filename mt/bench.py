@@ -230,7 +230,7 @@ def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]
     cfg, tok, model = _model(args, run_dir)
     if args.checkpoint:
         from mt import checkpoint as ckpt_io
-        model.load_state_dict(ckpt_io.load(Path(args.checkpoint))["model"])
+        ckpt_io.load_weights(model, ckpt_io.load(Path(args.checkpoint)), Path(args.checkpoint))
     decode = cfg.decode
     decode.method, decode.beam_size, decode.batch_size, decode.alpha = ("beam" if beam > 1 else "greedy"), beam, batch, 1.0
     if args.fixed_len:

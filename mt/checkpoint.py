@@ -3,39 +3,66 @@
 A checkpoint is one dict (nanoGPT's habit of spelling the keys out):
 
     format      CHECKPOINT_FORMAT
-    model       state_dict                        optimizer, schedule   state_dicts (last.pt only)
+    model       state_dict                        optimizer, schedule   state_dicts (not in best.pt)
     step, epoch, epoch_step                       where training is (epoch_step: updates done in epoch)
     rng         torch (and CUDA) generator states elapsed, tokens      seconds and target tokens trained
-    best, bad_validations, history               validation bookkeeping
+    best, best_step, bad_validations             validation bookkeeping
+    skipped, nonfinite                           updates skipped as non-finite: in all, in a row
+    precision   decided at the run's start (train.precision=auto), kept on resume
     config      the resolved run config           model_config: config["model"], checked on load
     tokenizer   {src, tgt: SentencePiece model bytes, fingerprint, src_vocab, tgt_vocab}
 
 `save` writes a temporary file in the same directory, fsyncs it and renames it over the target,
-so a kill at any moment leaves the previous checkpoint intact. `load` uses
-`torch.load(weights_only=True)`: tensors and plain Python values only, never arbitrary objects.
+so a kill at any moment leaves the previous checkpoint intact; a write error (a full disk) is
+one line. `load` uses `torch.load(weights_only=True)`: tensors and plain Python values only,
+never arbitrary objects; `load_weights` refuses weights at odds with their own config, tokenizer
+or finiteness. `RunCheckpoints` keeps a run's checkpoints/ folder: which file to resume from,
+step files by step number, temporary files of killed saves, starting over without deleting.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 CHECKPOINT_FORMAT = 1
 # changing these does not change the architecture: a run may resume with new values
 NOT_ARCHITECTURE = {"dropout", "emb_dropout"}
+REQUIRED_KEYS = ("model", "step", "config", "model_config", "tokenizer")  # in every file save() writes
+TEMP_SUFFIX = ".tmp"  # save() writes .<name>.<random>.tmp next to its target
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used with this configuration; the message says why."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, permissions); the previous one is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e` (torch.save reports a full disk as a RuntimeError about zip
+    positions, with the OSError only in its context)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def save(obj: Dict[str, Any], path: Path) -> None:
+    """Write `obj` to `path` atomically; on failure no temporary file is left and the file that
+    was at `path` is untouched. Write errors raise CheckpointWriteError with a one-line message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -47,13 +74,18 @@ def save(obj: Dict[str, Any], path: Path) -> None:
             os.fsync(dir_fd)  # the rename itself survives a crash
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(cause.errno, f"{path}: cannot write the checkpoint: {cause.strerror} "
+                                   "(the previous checkpoint is intact)") from None
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu",
+         required: Tuple[str, ...] = REQUIRED_KEYS) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -63,6 +95,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]
         raise CheckpointError(f"{path}: cannot be loaded safely ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mt checkpoint of format {CHECKPOINT_FORMAT}")
+    missing = sorted(set(required) - set(ckpt))
+    if missing:
+        raise CheckpointError(f"{path}: not a complete mt checkpoint (no {', '.join(missing)})")
     return ckpt
 
 
@@ -79,6 +114,79 @@ def check_compatible(ckpt: Dict[str, Any], path: Path, model_cfg: Dict[str, Any]
     if tokenizer_fingerprint is not None and ckpt["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
         raise CheckpointError(f"{path} was trained with another vocabulary (the tokenizer was retrained): "
                               "choose another name= for a new run, or force=true to start over")
+
+
+# weights whose rows are a vocabulary (Seq2Seq's names): their sizes are checked against the tokenizer
+VOCAB_ROWS = {"encoder.embedding.weight": "src", "decoder.embedding.weight": "tgt",
+              "decoder.output_layer.weight": "tgt"}
+
+
+def first_nonfinite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating tensor of a state_dict holding NaN or inf, else None."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Dict[str, Any], path: Path) -> None:
+    """Load ckpt["model"] into `model` (built from the checkpoint's model_config and vocabulary
+    sizes, or from a config that check_compatible accepted), or refuse in one line a checkpoint
+    that disagrees with itself: a tokenizer that is not the embeddings' size, weights that are not
+    what the config builds, NaN/inf from a diverged run. Every loader calls this, so none of
+    them ends in a load_state_dict traceback or an embedding index error mid-translation."""
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
+        raise CheckpointError(f"{path}: its model entry is not a state_dict of tensors: use another checkpoint")
+    _check_vocabulary(weights, ckpt.get("tokenizer") or {}, path)
+    _check_shapes(weights, model.state_dict(), path)
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite values in {bad}: it was saved from a diverged run; "
+                              "use an earlier checkpoint, or retrain with a lower train.lr")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # what comparing names and shapes cannot see
+        raise CheckpointError(f"{path}: weights cannot be loaded into its model "
+                              f"({' '.join(str(e).split())[:200]})") from None
+
+
+def _check_vocabulary(weights: Dict[str, torch.Tensor], tok: Dict[str, Any], path: Path) -> None:
+    """Per side, the pieces of the SentencePiece model (what encodes the text), the size the
+    checkpoint records (what the model is built with) and the embedding rows must be one number."""
+    import sentencepiece as spm
+
+    for side, name in (("src", "source"), ("tgt", "target")):
+        try:
+            pieces = spm.SentencePieceProcessor(model_proto=tok[side]).get_piece_size()
+        except (KeyError, TypeError, RuntimeError):  # absent, not bytes, or not a SentencePiece model
+            raise CheckpointError(f"{path}: its {name} SentencePiece model is missing or unreadable: "
+                                  "use another checkpoint") from None
+        recorded = tok.get(f"{side}_vocab")
+        rows = {k: weights[k].shape[0] for k, s in VOCAB_ROWS.items()
+                if s == side and k in weights and weights[k].dim()}
+        if len({pieces, recorded, *rows.values()}) > 1:
+            found = "".join(f", {k} has {n} rows" for k, n in rows.items())
+            raise CheckpointError(f"{path}: its {name} vocabulary does not match its weights: the SentencePiece "
+                                  f"model has {pieces} pieces, the checkpoint records {side}_vocab={recorded}{found}; "
+                                  "tokenizer and weights come from different runs: use the run's own checkpoint")
+
+
+def _check_shapes(weights: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], path: Path) -> None:
+    """The weights must be exactly what the model config builds; compared here, because
+    load_state_dict's error is a many-line list."""
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if not (wrong or missing or unexpected):
+        return
+    shape = lambda t: "x".join(map(str, t.shape)) or "a scalar"  # noqa: E731
+    few = lambda keys: ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")  # noqa: E731
+    first = f"{wrong[0]} is {shape(weights[wrong[0]])}, the config builds {shape(expected[wrong[0]])}" if wrong else ""
+    keys = "; ".join(f"{what}: {few(ks)}" for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
+    detail = f"{first} ({keys})" if first and keys else first or keys
+    raise CheckpointError(f"{path}: weights do not match its model config: {detail}; the file was edited or "
+                          "mixes two runs: use the run's own checkpoint, or retrain")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -108,3 +216,84 @@ def average(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
             out[key] = last.clone()
     return out
 
+
+
+# --- a run's checkpoints/ folder ----------------------------------------------------------------
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("_", 1)[1])
+
+
+class RunCheckpoints:
+    """checkpoints/ of a run: last.pt (where training is), best.pt (weights that validated best)
+    and step_<N>.pt (full states of the latest validations: resume points when last.pt is
+    unreadable, and the snapshots that train.average_last averages)."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.dir, self.keep = Path(folder), keep
+        self.last, self.best = self.dir / "last.pt", self.dir / "best.pt"
+
+    def step_files(self) -> List[Path]:
+        """step_<N>.pt, oldest first, by step number (not by name); other names are not ours."""
+        return sorted((p for p in self.dir.glob("step_*.pt") if p.stem[5:].isdigit()), key=_step_of)
+
+    def remove_temp_files(self) -> List[Path]:
+        """Temporary files of saves that a kill interrupted."""
+        stale = list(self.dir.glob(f".*{TEMP_SUFFIX}"))
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    def move_aside(self) -> Optional[Path]:
+        """Start over without losing anything: checkpoints/ becomes old/checkpoints-<time>/."""
+        if not self.dir.exists() or not any(self.dir.iterdir()):
+            return None
+        stem = self.dir.parent / "old" / f"{self.dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest, n = stem, 1
+        while dest.exists():  # twice within a second
+            n += 1
+            dest = stem.with_name(f"{stem.name}-{n}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.dir, dest)
+        return dest
+
+    def resume_point(self, map_location) -> Tuple[Optional[Dict[str, Any]], Optional[Path], List[str]]:
+        """(state, its path, warnings) of the newest loadable full checkpoint: last.pt, else the
+        newest step_*.pt; (None, None, []) when the folder holds no checkpoint at all. Refuses a
+        folder whose checkpoints are all unreadable, or that holds best.pt alone: a run is never
+        silently started over from step 0."""
+        candidates = ([self.last] if self.last.exists() else []) + self.step_files()[::-1]
+        failed: List[str] = []
+        for path in candidates:
+            try:
+                state = load(path, map_location=map_location)
+            except CheckpointError as e:
+                failed.append(str(e))
+                continue
+            if "optimizer" not in state:  # a weights-only file of an older version
+                failed.append(f"{path}: holds weights only, no optimizer state to resume from")
+                continue
+            bad = first_nonfinite(state["model"])
+            if bad is not None:
+                failed.append(f"{path}: holds non-finite values in {bad}")
+                continue
+            warnings = [f"{f}; resuming from {path} instead" for f in failed]
+            return state, path, warnings
+        if candidates or self.best.exists():
+            why = failed[0] if failed else f"{self.dir} holds best.pt but no last.pt or step_*.pt"
+            raise CheckpointError(f"{why}; no loadable checkpoint to resume from: force=true starts "
+                                  f"the run over (moving {self.dir} to {self.dir.parent / 'old'}/), "
+                                  "or choose another name=")
+        return None, None, []
+
+    def save(self, state: Dict[str, Any], best: bool, step_file: bool) -> None:
+        """best.pt (weights only) and a step file where asked, then last.pt: the commit point (a
+        failure before it leaves last.pt saying nothing that the other files do not hold)."""
+        if best:
+            save({k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng", "scaler")}, self.best)
+        if step_file and self.keep > 0:
+            save(state, self.dir / f"step_{state['step']:08d}.pt")
+        save(state, self.last)
+        if step_file and self.keep > 0:
+            for old in self.step_files()[:-self.keep]:
+                old.unlink()

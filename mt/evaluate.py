@@ -132,6 +132,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a filter: Ctrl-C ends it quietly, status 130
     sys.stdout.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     args = parse_args(argv)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -36,6 +37,7 @@ from typing import Any, Callable, Dict
 from omegaconf import DictConfig, OmegaConf
 
 from mt.config import CONF_DIR, ConfigError, register_configs, validate
+from mt.interrupt import EXIT_DIVERGED, EXIT_ERROR, EXIT_IO, Interrupted, exit_code, on_sigterm
 
 log = logging.getLogger("mt")
 
@@ -58,6 +60,8 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
         root.addHandler(h)
     root.setLevel(level)
     root.propagate = False
+    # a full disk must not add a traceback per log line to stderr: the failed write itself is reported
+    logging.raiseExceptions = False
 
 
 # --- stages -------------------------------------------------------------------------------------
@@ -188,16 +192,33 @@ register_configs()
 
 
 def _hydra_main(cfg: DictConfig) -> None:
+    """Runs the stages; every way a run can stop short is one line on stderr and its exit code
+    (README: "Exit codes"). Our own bugs still show their traceback."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mt.checkpoint import CheckpointWriteError
     from mt.data import DataError
+    from mt.train import TrainingDiverged
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Interrupted as e:
+        _fail(str(e), exit_code(e.signum), "")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: stages redo their unfinished work
+        _fail("interrupted (SIGINT); run the same command to resume", exit_code(signal.SIGINT), "")
+    except TrainingDiverged as e:
+        _fail(str(e), EXIT_DIVERGED)
+    except CheckpointWriteError as e:
+        _fail(str(e), EXIT_IO)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        # one line, no traceback: these are the user's input, not our bug
-        print(f"mt-train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(e), EXIT_ERROR)  # the user's input, not our bug: no traceback
+    except OSError as e:
+        _fail(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", EXIT_IO)
+
+
+def _fail(message: str, code: int, prefix: str = "error: ") -> None:
+    print(f"mt-train: {prefix}{' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:
@@ -209,6 +230,7 @@ def main() -> None:
         print(version_string("mt-train"))
         return
 
+    on_sigterm()  # SIGTERM, like Ctrl-C, stops with one line (the training loop saves first)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_main)()
 
 

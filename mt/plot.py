@@ -39,7 +39,8 @@ def read_metrics(run_dir: Path) -> Dict[str, List[dict]]:
 
 def plot_curves(run_dir: Path) -> Path:
     m = read_metrics(run_dir)
-    train, valid = m.get("train", []), m.get("valid", [])
+    # rows of skipped (non-finite) updates carry no loss
+    train, valid = [r for r in m.get("train", []) if "loss" in r], m.get("valid", [])
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (label-smoothed)", lw=1)
     ax_loss.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid (NLL)", ms=3)

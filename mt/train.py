@@ -15,10 +15,11 @@ import json
 import logging
 import math
 import os
-import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,6 +34,7 @@ from mt import distributed
 from mt.batches import collate, epoch_batches, eval_batches, n_target_tokens
 from mt.config import to_container
 from mt.fused import LinearCrossEntropy
+from mt.interrupt import Interrupted, StopRequest
 from mt.model import Seq2Seq, build_model, count_parameters
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
 
@@ -163,6 +165,8 @@ def validate(model: Seq2Seq, corpus: IdCorpus, refs: List[str], tok: Tokenizer, 
 
 
 def improved(metric: str, value: float, best: Optional[float]) -> bool:
+    if not math.isfinite(value):  # a diverged model never becomes best.pt
+        return False
     return best is None or (value < best if metric == "loss" else value > best)
 
 
@@ -178,15 +182,33 @@ def stop_reason(cfg, progress: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars (main process only)."""
+def _row_step(row: str) -> Optional[int]:
+    """The step of a metrics.jsonl row; None for a line that a kill or a full disk cut short."""
+    try:
+        return json.loads(row)["step"] if row.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
-    def __init__(self, run_dir: Path, enabled: bool):
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars (main process only). On resume from step N, rows
+    and scalars after N (written before the interruption, redone now) are dropped, so each
+    step is there once."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None):
         self.enabled, self.path, self.writer = enabled, run_dir / "metrics.jsonl", None
+        if enabled and resume_step is not None and self.path.exists():
+            rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= resume_step]
+            if kept != rows:
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                os.replace(tmp, self.path)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency; keep training if it is broken
                 log.warning("tensorboard unavailable: no curves in tb/")
 
@@ -212,10 +234,10 @@ def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any],
     the best single checkpoint. checkpoints/averaged.json records that it was done (and how it
     scored), so a rerun does not repeat it."""
     marker = ckpt_dir / "averaged.json"
-    paths = sorted(ckpt_dir.glob("step_*.pt"))[-tcfg.average_last:]
+    paths = ckpt_io.RunCheckpoints(ckpt_dir, tcfg.average_last).step_files()[-tcfg.average_last:]
     if marker.exists() or len(paths) < 2:
         return
-    states = [ckpt_io.load(p, map_location=next(model.parameters()).device) for p in paths]
+    states = [ckpt_io.load(p, map_location="cpu") for p in paths]  # full states: keep them off the device
     model.load_state_dict(ckpt_io.average([s["model"] for s in states]))
     result = validate_fn()
     metric, steps = tcfg.valid_metric, [s["step"] for s in states]
@@ -277,6 +299,76 @@ class LimitBar:
         self.bar.close()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients stayed non-finite (or a model to be saved was): the run stops."""
+
+
+@dataclass
+class Parts:
+    """What one update touches, built once by train()."""
+    ctx: distributed.Context
+    model: Seq2Seq
+    step_fn: nn.Module  # the LossModel, or its DistributedDataParallel wrapper
+    ddp: Optional[nn.parallel.DistributedDataParallel]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+
+
+def optimizer_update(p: Parts, corpus: IdCorpus, group: List[np.ndarray], tcfg, lr: float, tf: float,
+                     stop: bool) -> Tuple[float, float, int, bool, bool]:
+    """One update from the micro-batches `group` (each rank takes its share): returns (loss sum,
+    NLL sum, target tokens, finite, stop requested on some rank), the same on every rank. A
+    non-finite loss or gradient norm skips the parameter update (fp16: GradScaler's own skip)."""
+    ctx, device = p.ctx, next(p.model.parameters()).device
+    update_tokens = sum(n_target_tokens(corpus, g) for g in group)
+    mine = group[ctx.rank::ctx.world]
+    sums = torch.zeros(2, device=device)
+    for k, idx in enumerate(mine):
+        b = collate(corpus, idx, device)
+        sync = p.ddp.no_sync() if p.ddp is not None and k < len(mine) - 1 else nullcontext()
+        with sync:
+            with autocast(device, p.precision):
+                out = p.step_fn(b.src, b.src_len, b.tgt_in, b.tgt_out, tf)
+            p.scaler.scale(out[0] * (ctx.world / update_tokens)).backward()
+        sums += out.detach().float()
+    for group_ in p.optimizer.param_groups:
+        group_["lr"] = lr
+    p.scaler.unscale_(p.optimizer)
+    params = [q for q in p.model.parameters() if q.grad is not None]
+    norm = (torch.nn.utils.clip_grad_norm_(params, tcfg.clip_norm) if tcfg.clip_norm > 0
+            else torch.nn.utils.get_total_norm([q.grad for q in params]))
+    # one all-reduce carries the losses, the stop requests and the norm's verdict: ranks agree
+    loss_sum, nll_sum, stops, bad_norm = distributed.all_reduce_sum(
+        ctx, sums.tolist() + [float(stop), float(not math.isfinite(float(norm)))])
+    finite = math.isfinite(loss_sum) and (p.scaler.is_enabled() or bad_norm == 0)
+    if finite or p.scaler.is_enabled():
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, nll_sum, update_tokens, finite, stops > 0
+
+
+def start_over_or_resume(cfg, ctx, ckpts: "ckpt_io.RunCheckpoints", run_dir: Path, device):
+    """force=true moves the old checkpoints (and metrics, curves) aside; stale temporary files
+    go; then the newest loadable full checkpoint, or None for a new run."""
+    if ctx.main:
+        if cfg.force:
+            moved = ckpts.move_aside()
+            if moved is not None:
+                for extra in ("metrics.jsonl", "tb"):
+                    if (run_dir / extra).exists():
+                        os.replace(run_dir / extra, moved / extra)
+                log.info("train: force=true: the previous checkpoints, metrics and curves moved to %s", moved)
+        for stale in ckpts.remove_temp_files():
+            log.info("train: removed %s (a save that was interrupted)", stale)
+    distributed.barrier(ctx)
+    state, path, warnings = ckpts.resume_point(device)
+    for w in warnings:
+        log.warning("train: %s", w)
+    return state, path
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
@@ -289,13 +381,13 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     if tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    precision = resolve_precision(tcfg.precision, device)
     ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    if cfg.force and ctx.main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    distributed.barrier(ctx)
+    ckpts = ckpt_io.RunCheckpoints(ckpt_dir, keep=max(tcfg.keep_checkpoints, tcfg.average_last))
+    state, resumed_from = start_over_or_resume(cfg, ctx, ckpts, run_dir, device)
+    # decided once per run: a resumed run keeps the precision it started with (exact resume)
+    precision = (state.get("precision") if state and tcfg.precision == "auto" else None) \
+        or resolve_precision(tcfg.precision, device)
+    precision = distributed.broadcast_object(ctx, precision)  # measured per rank: rank 0's decides
 
     tok = Tokenizer.from_dir(run_dir / "tokenizer")
     ids = run_dir / "tokenizer" / "ids"
@@ -311,26 +403,32 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     schedule = LRSchedule(tcfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     progress: Dict[str, Any] = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "tokens": 0,
-                                "best": None, "best_step": None, "bad_validations": 0}
+                                "best": None, "best_step": None, "bad_validations": 0,
+                                "skipped": 0, "nonfinite": 0,  # skipped updates: in all, in a row now
+                                "validated_at": -1}  # the step of the latest validation
     model_cfg, tokenizer_info = to_container(cfg.model), {
         "src": tok.src_proto, "tgt": tok.tgt_proto, "fingerprint": tok.fingerprint(),
         "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size}
     torch.manual_seed(cfg.seed * 1000 + ctx.rank)  # dropout differs between ranks
-    if last_path.exists():
-        ckpt = ckpt_io.load(last_path, map_location=device)
-        ckpt_io.check_compatible(ckpt, last_path, model_cfg, tok.fingerprint())
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        progress.update({k: ckpt[k] for k in progress})
-        rng = ckpt["rng"]
-        if len(rng) == ctx.world:
-            ckpt_io.set_rng_state(rng[ctx.rank])
-        log.info("train: resumed from %s at step %d (epoch %d)", last_path, progress["step"], progress["epoch"])
+    if state is not None:
+        ckpt_io.check_compatible(state, resumed_from, model_cfg, tok.fingerprint())
+        ckpt_io.load_weights(model, state, resumed_from)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        progress.update({k: state.get(k, v) for k, v in progress.items()})
+        progress["validated_at"] = state.get("validated_at", state["step"])  # older files: saved at validations
+        if scaler.is_enabled() and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == ctx.world:
+            ckpt_io.set_rng_state(state["rng"][ctx.rank])
+        log.info("train: resumed from %s at step %d (epoch %d), precision %s", resumed_from, progress["step"],
+                 progress["epoch"], precision)
     else:
-        log.info("train: %s model, %d parameters, vocabulary %d -> %d, device %s x%d",
+        log.info("train: %s model, %d parameters, vocabulary %d -> %d, device %s x%d, precision %s",
                  cfg.model.cell, count_parameters(model), tok.src_vocab_size, tok.tgt_vocab_size,
-                 device, ctx.world)
+                 device, ctx.world, precision)
+    saved_step = progress["step"] if state is not None else None
+    del state  # its tensors now live in the model and optimizer
     reason = stop_reason(tcfg, progress)
     validate_here = lambda: validate(model, valid_corpus, valid_refs, tok, device, precision,  # noqa: E731
                                      tcfg.valid_max_sentences)
@@ -342,32 +440,50 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     ddp = None
     if ctx.distributed:
         ddp = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = ddp if ddp is not None else loss_model
-    metrics = MetricsLog(run_dir, ctx.main)
+    parts = Parts(ctx, model, ddp if ddp is not None else loss_model, ddp, optimizer, scaler, precision)
+    metrics = MetricsLog(run_dir, ctx.main, resume_step=saved_step or 0)
 
-    def save(with_best: bool) -> None:
+    def save(with_best: bool, step_file: bool = True) -> None:
+        """Every rank calls it and ends it alike (a rank that raised alone would hang the others)."""
+        nonlocal saved_step
         rng_states = distributed.gather_objects(ctx, ckpt_io.rng_state())
-        if not ctx.main:
-            return
-        state = {"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), **progress,
-                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng_states,
-                 "config": to_container(cfg), "model_config": model_cfg, "tokenizer": tokenizer_info}
-        ckpt_io.save(state, last_path)
-        weights = {k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng")}
-        if with_best:
-            ckpt_io.save(weights, best_path)
-        if tcfg.average_last > 1:  # the weights of the last N validations, for average_last()
-            ckpt_io.save(weights, ckpt_dir / f"step_{progress['step']:08d}.pt")
-            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-tcfg.average_last]:
-                old.unlink()
+        bad = ckpt_io.first_nonfinite(model.state_dict())  # the replicas are identical
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged at step {progress['step']}: {bad} is not finite, not saved; "
+                                   f"{diverged_hint()}")
+        failure = None
+        if ctx.main:
+            try:
+                ckpts.save({"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), **progress,
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rng_states, "precision": precision,
+                            "config": to_container(cfg), "model_config": model_cfg, "tokenizer": tokenizer_info},
+                           best=with_best, step_file=step_file)
+            except ckpt_io.CheckpointWriteError as e:
+                failure = (e.errno, e.strerror)
+        failure = distributed.broadcast_object(ctx, failure)
+        if failure is not None:
+            raise ckpt_io.CheckpointWriteError(*failure)
+        saved_step = progress["step"]
+
+    def diverged_hint() -> str:
+        lower = [f"train.lr (now {tcfg.lr:g})"] + ([f"train.precision=fp32 (now {precision})"]
+                                                   if precision != "fp32" else [])
+        kept = f"{ckpts.last} (step {saved_step}) is the last finite state" if saved_step is not None \
+            else "no checkpoint was saved"
+        return f"try a lower {' or '.join(lower)}; {kept}"
+
+    latest_valid_loss = [0.0]  # of the latest validation: a model that failed it is never saved
 
     def run_validation() -> None:
         t0, result = time.perf_counter(), None
         if ctx.main:
             result = validate_here()
         result = distributed.broadcast_object(ctx, result)
-        value = result[tcfg.valid_metric]
-        better = improved(tcfg.valid_metric, value, progress["best"])
+        value, latest_valid_loss[0] = result[tcfg.valid_metric], result["loss"]
+        progress["validated_at"] = progress["step"]
+        ok = savable(result["loss"])
+        better = ok and improved(tcfg.valid_metric, value, progress["best"])
         if better:
             progress.update(best=value, best_step=progress["step"], bad_validations=0)
         else:
@@ -378,7 +494,17 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         log.info("valid step %d: loss %.3f ppl %.2f BLEU %.2f chrF %.2f%s  (greedy; %s)", progress["step"],
                  result["loss"], result["ppl"], result["bleu"], result["chrf"], " *" if better else "",
                  result["bleu_signature"])
-        save(with_best=better)
+        if ok:
+            save(with_best=better)
+
+    def savable(valid_loss: float = 0.0) -> bool:
+        """Checkpoints hold models that trained finitely: never one right after a skipped update,
+        nor one whose valid loss is not finite (huge but finite weights), so last.pt stays good."""
+        if progress["nonfinite"] == 0 and math.isfinite(valid_loss):
+            return True
+        log.warning("step %d: not saved (%s); %s is kept", progress["step"], "the last update was not finite"
+                    if progress["nonfinite"] else "the valid loss is not finite", ckpts.last)
+        return False
 
     # Training loop, in pseudo-code:
     #   for each epoch, from the checkpoint's (epoch, epoch_step):
@@ -386,8 +512,10 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     #     for each update: accum_steps micro-batches on each of the world's ranks
     #       loss = label-smoothed cross-entropy summed / target tokens of the whole update
     #       backward (DDP averages over ranks), clip the gradient norm, set the lr, optimizer step
+    #         (a non-finite loss or gradient norm skips it; train.max_nonfinite in a row stop the run)
     #       every log_every updates: log loss, perplexity, lr, target tokens/s
     #       every valid_every updates: validate, adjust the lr on plateau, save last (and best)
+    #       on SIGINT/SIGTERM: save last, exit 130/143 (run again to resume)
     #       stop at max_steps / max_epochs / max_time / patience
     #   validate and save at the end if the last update was not validated
     per_update = ctx.world * tcfg.accum_steps
@@ -395,10 +523,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])  # the loop's first epoch
     bar = LimitBar(ctx, tcfg, progress, len(batches) // per_update)
     window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
-    validated_at = progress["step"] if last_path.exists() else -1
     model.train()
     redirect = nullcontext() if bar.disable else logging_redirect_tqdm([logging.getLogger("mt")])
-    with redirect:
+    with redirect, StopRequest() as stop:
         while not reason:
             if batches is None:
                 batches = epoch_batches(train_corpus, tcfg, cfg.seed, progress["epoch"])
@@ -408,54 +535,61 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                                  f"({per_update}): lower train.batch_tokens or train.accum_steps")
             for u in range(progress["epoch_step"], n_updates):
                 t0 = time.perf_counter()
-                group = batches[u * per_update:(u + 1) * per_update]
-                update_tokens = sum(n_target_tokens(train_corpus, g) for g in group)
-                mine = group[ctx.rank::ctx.world]
-                tf = teacher_forcing_ratio(tcfg, progress["step"])
-                sums = torch.zeros(2, device=device)
-                for k, idx in enumerate(mine):
-                    b = collate(train_corpus, idx, device)
-                    sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
-                    with sync:
-                        with autocast(device, precision):
-                            out = step_fn(b.src, b.src_len, b.tgt_in, b.tgt_out, tf)
-                        scaler.scale(out[0] * (ctx.world / update_tokens)).backward()
-                    sums += out.detach().float()
-                lr = schedule.lr(progress["step"] + 1)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = lr
-                scaler.unscale_(optimizer)
-                if tcfg.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, nll_sum = distributed.all_reduce_sum(ctx, sums.tolist())
+                lr, tf = schedule.lr(progress["step"] + 1), teacher_forcing_ratio(tcfg, progress["step"])
+                loss_sum, nll_sum, update_tokens, finite, stopping = optimizer_update(
+                    parts, train_corpus, batches[u * per_update:(u + 1) * per_update], tcfg, lr, tf,
+                    stop.signum is not None)
                 progress["step"] += 1
                 progress["epoch_step"] = u + 1
                 progress["tokens"] += update_tokens
                 dt = time.perf_counter() - t0
                 progress["elapsed"] += dt
-                window["loss"] += loss_sum
-                window["nll"] += nll_sum
-                window["tokens"] += update_tokens
                 window["time"] += dt
                 step = progress["step"]
+                if finite:
+                    progress["nonfinite"] = 0
+                    window["loss"] += loss_sum
+                    window["nll"] += nll_sum
+                    window["tokens"] += update_tokens
+                else:
+                    progress["nonfinite"] += 1
+                    progress["skipped"] += 1
+                    log.warning("step %d: loss or gradient not finite, update skipped (%d in a row, %d in all)",
+                                step, progress["nonfinite"], progress["skipped"])
+                    metrics.write("train", step, {"skipped_updates": progress["skipped"]})
+                    if progress["nonfinite"] >= tcfg.max_nonfinite:
+                        raise TrainingDiverged(
+                            f"training diverged at step {step}: the loss or gradients were not finite in "
+                            f"{progress['nonfinite']} updates in a row (train.max_nonfinite={tcfg.max_nonfinite}); "
+                            f"{diverged_hint()}")
                 bar.update(progress)
-                if step % tcfg.log_every == 0 or step == 1:
+                if (step % tcfg.log_every == 0 or step == 1) and window["tokens"]:
                     tps = window["tokens"] / max(window["time"], 1e-9)
                     loss, ppl = window["loss"] / window["tokens"], math.exp(min(window["nll"] / window["tokens"], 50))
                     bar.update(progress, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     metrics.write("train", step, {"loss": loss, "ppl": ppl, "lr": lr, "tokens_per_s": tps,
-                                                  "epoch": progress["epoch"], "tf_ratio": tf})
+                                                  "epoch": progress["epoch"], "tf_ratio": tf,
+                                                  "skipped_updates": progress["skipped"]})
                     log.info("step %d epoch %d: loss %.3f ppl %.2f lr %.2e %s target tokens/s",
                              step, progress["epoch"], loss, ppl, lr, f"{tps:,.0f}")
                     window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}
                 reason = stop_reason(tcfg, progress)
                 if step % tcfg.valid_every == 0 or (reason and not reason.startswith("early")):
                     run_validation()
-                    validated_at = step
                     reason = stop_reason(tcfg, progress)
+                if stopping:
+                    bar.close()
+                    signum = stop.signum or signal.SIGTERM  # another rank's signal
+                    done = f"interrupted ({signal.Signals(signum).name}) at step {step}"
+                    again = "run the same command without force=true to resume" if cfg.force \
+                        else "run the same command to resume"
+                    if saved_step != step and not savable(latest_valid_loss[0]):
+                        kept = f"{ckpts.last} (step {saved_step}) kept" if saved_step is not None \
+                            else "no checkpoint yet"
+                        raise Interrupted(signum, f"{done}; not saved, {kept}; {again}")
+                    if saved_step != step:
+                        save(with_best=False, step_file=False)
+                    raise Interrupted(signum, f"{done}; checkpoint saved; {again}")
                 if reason:
                     break
             else:
@@ -464,12 +598,13 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                 batches = None  # the next epoch's list
                 reason = stop_reason(tcfg, progress)
     bar.close()
-    if validated_at != progress["step"]:
+    if progress["validated_at"] != progress["step"]:
         run_validation()
     if tcfg.average_last > 1 and ctx.main:
         average_last(tcfg, model, ckpt_dir, progress, validate_here)
     metrics.close()
-    log.info("train: stopped at step %d (%s); best valid %s %.2f at step %s; %.1f min, %d target tokens",
+    log.info("train: stopped at step %d (%s); best valid %s %.2f at step %s; %.1f min, %d target tokens%s",
              progress["step"], reason, tcfg.valid_metric, progress["best"], progress["best_step"],
-             progress["elapsed"] / 60, progress["tokens"])
+             progress["elapsed"] / 60, progress["tokens"],
+             f"; {progress['skipped']} updates skipped (non-finite)" if progress["skipped"] else "")
     return progress

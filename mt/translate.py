@@ -31,7 +31,7 @@ import torch
 from mt import checkpoint as ckpt_io
 from mt import version_string
 from mt.batches import pad
-from mt.config import DecodeConfig, ModelConfig, structured
+from mt.config import DecodeConfig, ModelConfig, structured, to_container
 from mt.data import normalize
 from mt.model import Seq2Seq, build_model
 from mt.search import Hypothesis, beam_search, greedy_search, sample_search
@@ -99,14 +99,18 @@ class Translator:
         ckpt_path = find_checkpoint(path)
         ckpt = ckpt_io.load(ckpt_path, map_location=dev)
         t = ckpt["tokenizer"]
-        tok = Tokenizer(t["src"], None if t["tgt"] == t["src"] else t["tgt"])
-        model_cfg = structured(ModelConfig(**ckpt["model_config"]))
+        try:
+            model_cfg = structured(ModelConfig(**ckpt["model_config"]))
+        except TypeError as e:  # a key this version does not know
+            raise ckpt_io.CheckpointError(f"{ckpt_path}: its model_config does not fit this version of mt ({e})") from None
         model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"])
-        model.load_state_dict(ckpt["model"])
+        ckpt_io.load_weights(model, ckpt, ckpt_path)  # refuses, in one line, a checkpoint at odds with itself
+        tok = Tokenizer(t["src"], None if t["tgt"] == t["src"] else t["tgt"])  # after: its bytes were checked
         decode = saved_decode_config(ckpt["config"]["decode"])
         for key, value in overrides.items():
             if value is not None:
                 decode[key] = value
+        decode = structured(DecodeConfig(**to_container(decode)))  # the overrides' ranges are checked too
         log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
         translator = cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
         translator.run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
@@ -266,12 +270,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "batch's source pieces (needs the run directory; small BLEU cost; 0 = off; "
                         "default: the run's decode.shortlist)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.buffer_size < 0:
+        p.error(f"--buffer-size must be >= 0 (0 = four batches), got {args.buffer_size}")
+    return args
 
 
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    method = "greedy" if args.greedy else "sample" if args.sample else "beam" if args.beam else None
-    return {"method": method, "beam_size": args.beam or (1 if args.greedy or args.sample else None),
+    method = "greedy" if args.greedy else "sample" if args.sample else "beam" if args.beam is not None else None
+    beam = args.beam if args.beam is not None else (1 if args.greedy or args.sample else None)
+    return {"method": method, "beam_size": beam,
             "alpha": args.alpha, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "n_best": args.n_best,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
             "batch_size": args.batch_size, "int8": args.int8, "bf16": args.bf16, "shortlist": args.shortlist}
@@ -295,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="mt-translate: %(levelname)s %(message)s")
+    out, done = None, 0
     try:
         overrides = _overrides(args)
         if args.format == "text" and (args.n_best or 1) > 1:
@@ -310,12 +319,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             chunks: Iterable[List[bytes]] = ([line] for line in _prompted(inp))
         else:
             chunks = read_chunks(inp.fileno(), args.buffer_size or 4 * translator.decode.batch_size)
-        done = 0
         for chunk in chunks:
             lines = [_decode(raw, name, done + k) for k, raw in enumerate(chunk, start=1)]
             _write(out, translator.translate_batch(lines, done + 1), args.format, done + 1, lines)
             done += len(chunk)
         log.info("translated %d lines", done)
+    except KeyboardInterrupt:  # Ctrl-C: what was translated stays written, then the shell's 130
+        if out is not None:
+            out.flush()
+        print(f"mt-translate: interrupted (SIGINT) after {done} lines", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, UnicodeDecodeError, ckpt_io.CheckpointError) as e:
         print(f"mt-translate: error: {e}", file=sys.stderr)
         sys.exit(1)

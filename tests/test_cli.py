@@ -64,6 +64,26 @@ def test_translate_errors_are_one_line(trained, tmp_path):
     assert r.returncode == 1 and "--format tsv or jsonl" in r.stderr.decode()
 
 
+@pytest.mark.parametrize("command", ["mt.translate", "mt.evaluate", "mt.plot"])
+def test_an_inconsistent_checkpoint_is_one_error_line_from_every_loader(command, small_corpus, tmp_path):
+    """best.pt with a NaN in its weights (no training run needed): each command that loads a
+    model refuses it before translating anything, in one line, without a traceback."""
+    from test_inference import TAMPERED, write_tiny_checkpoint
+
+    run_dir = tmp_path / "runs" / "x"
+    best = write_tiny_checkpoint(small_corpus, run_dir / "checkpoints" / "best.pt", TAMPERED["NaN"][0])
+    (run_dir / "metrics.jsonl").write_text(  # mt-plot draws the curves before it loads the model
+        '{"kind": "train", "step": 1, "loss": 5.0}\n'
+        '{"kind": "valid", "step": 1, "loss": 5.0, "bleu": 0.0, "chrf": 1.0}\n')
+    args = {"mt.translate": ["-m", run_dir], "mt.evaluate": ["--run", run_dir],
+            "mt.plot": [run_dir, "--text", "A dog runs."]}[command]
+    r = sh([sys.executable, "-m", command, *args, "--device", "cpu"], "A dog runs.\n")
+    err = r.stderr.decode()
+    prefix = f"{command.replace('.', '-')}: error: {best} holds non-finite values in encoder.rnn.weight_ih_l0"
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(prefix), err
+
+
 def test_translate_streams_and_survives_a_closed_pipe(trained):
     """Output for the first batch appears before stdin is closed; `| head -1` ends cleanly."""
     proc = subprocess.Popen([BIN / "mt-translate", "-m", trained, "--buffer-size", "1", "-q"],

@@ -136,3 +136,86 @@ def test_int8_covers_the_decoder_cell_and_a_shortlist_of_it_is_its_logits_at_tho
     short = step_logits(ShortlistModel(model, torch.arange(V)), src, lens)  # an int8 copy of the same layer
     assert isinstance(ShortlistModel(model, torch.arange(V)).project, Int8Linear)
     assert torch.allclose(short, full, atol=1e-4)
+
+
+# --- a checkpoint at odds with itself is refused by every loader, in one line ---------------------
+
+def write_tiny_checkpoint(corpus, path, tamper=None):
+    """An untrained tiny model with a real (tiny) SentencePiece model, saved the way training
+    saves best.pt: what Translator.from_path reads, without a training run. `tamper(ckpt)` edits
+    the dict first."""
+    import io
+
+    import sentencepiece as spm
+
+    from conftest import tiny_overrides
+    from mt import checkpoint as ckpt_io
+    from mt.config import compose_config, to_container
+    from mt.model import build_model
+    from mt.tokenizer import BOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID
+
+    cfg = compose_config(tiny_overrides(corpus))
+    proto = io.BytesIO()
+    lines = [s for lang in ("en", "de") for s in (corpus / f"train.{lang}").read_text(encoding="utf-8").splitlines()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=120,
+                                   pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    vocab = spm.SentencePieceProcessor(model_proto=proto.getvalue()).get_piece_size()
+    model = build_model(cfg.model, vocab, vocab, seed=0)
+    ckpt = {"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0, "config": to_container(cfg),
+            "model_config": to_container(cfg.model),
+            "tokenizer": {"src": proto.getvalue(), "tgt": proto.getvalue(), "fingerprint": "test",
+                          "src_vocab": vocab, "tgt_vocab": vocab}}
+    if tamper is not None:
+        tamper(ckpt)
+    ckpt_io.save(ckpt, path)
+    return path
+
+
+def _set(ckpt, section, key, value):
+    ckpt[section][key] = value(ckpt[section][key]) if callable(value) else value
+
+
+def _nan_at_first_element(w):
+    w = w.clone()
+    w.view(-1)[0] = float("nan")
+    return w
+
+
+TAMPERED = {  # what was done to the checkpoint -> what the one-line refusal must say
+    "wrong shape": (lambda c: _set(c, "model", "decoder.rnn.weight_hh_l0", torch.zeros(7, 3)),
+                    r"weights do not match its model config: "
+                    r"decoder\.rnn\.weight_hh_l0 is 7x3, the config builds 96x32"),
+    "config edited": (lambda c: _set(c, "model_config", "dec_hidden", 48),
+                      r"weights do not match its model config: "
+                      r"decoder\.rnn\.weight_ih_l0 is 96x\d+, the config builds 144x"),
+    "missing weight": (lambda c: c["model"].pop("decoder.bridge_h.bias"),
+                       r"weights do not match its model config: missing: decoder\.bridge_h\.bias"),
+    "tokenizer size": (lambda c: _set(c, "tokenizer", "tgt_vocab", lambda v: v - 1),
+                       r"target vocabulary does not match its weights: the SentencePiece model has (\d+) pieces, "
+                       r"the checkpoint records tgt_vocab=\d+, decoder\.embedding\.weight has \1 rows"),
+    "NaN": (lambda c: _set(c, "model", "encoder.rnn.weight_ih_l0", _nan_at_first_element),
+            r"holds non-finite values in encoder\.rnn\.weight_ih_l0: it was saved from a diverged run"),
+    "inf": (lambda c: _set(c, "model", "decoder.output_layer.bias", lambda w: w.fill_(float("inf"))),
+            r"holds non-finite values in decoder\.output_layer\.bias"),
+}
+
+
+def test_a_consistent_tiny_checkpoint_loads_and_translates(small_corpus, tmp_path):
+    from mt.translate import Translator
+
+    path = write_tiny_checkpoint(small_corpus, tmp_path / "best.pt")
+    assert len(Translator.from_path(path, "cpu", method="greedy", max_len_b=3).translate(["A dog runs."])) == 1
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_an_inconsistent_checkpoint_is_refused_in_one_line_naming_file_and_key(case, small_corpus, tmp_path):
+    from mt.checkpoint import CheckpointError
+    from mt.translate import Translator
+
+    tamper, expected = TAMPERED[case]
+    path = write_tiny_checkpoint(small_corpus, tmp_path / "best.pt", tamper)
+    with pytest.raises(CheckpointError, match=expected) as refused:
+        Translator.from_path(path, "cpu")
+    message = str(refused.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
