@@ -237,7 +237,14 @@ def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any],
     paths = ckpt_io.RunCheckpoints(ckpt_dir, tcfg.average_last).step_files()[-tcfg.average_last:]
     if marker.exists() or len(paths) < 2:
         return
-    states = [ckpt_io.load(p, map_location="cpu") for p in paths]  # full states: keep them off the device
+    states = []
+    for p in paths:  # full states: kept off the device
+        try:
+            states.append(ckpt_io.load(p, map_location="cpu"))
+        except ckpt_io.CheckpointError as e:  # e.g. a corrupt newer file that resume fell back past
+            log.warning("average_last: %s; left out", e)
+    if len(states) < 2:
+        return
     model.load_state_dict(ckpt_io.average([s["model"] for s in states]))
     result = validate_fn()
     metric, steps = tcfg.valid_metric, [s["step"] for s in states]
