@@ -77,26 +77,31 @@ def test_sigkill_at_random_points_of_saves_never_leaves_a_broken_checkpoint(tmp_
     assert steps == sorted(steps) and steps[-1] > 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_run_saves_says_so_in_one_line_and_resumes_exactly(small_corpus, tmp_path, signum):
-    steps = 60
-    cmd = cli(small_corpus, **{"train.max_steps": steps})
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "runs" / "tiny" / "metrics.jsonl"
+def _interrupt(cmd, cwd, signum, after_rows):
+    """Start `cmd`, send `signum` once metrics.jsonl has `after_rows` rows; (step it names, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = cwd / "runs" / "tiny" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_rows):
         time.sleep(0.05)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
-    name = signal.Signals(signum).name
     assert "Traceback" not in err
     line = last_line(err)
-    assert line.startswith(f"mt-train: interrupted ({name}) at step ") and \
+    assert line.startswith(f"mt-train: interrupted ({signal.Signals(signum).name}) at step ") and \
         line.endswith("; checkpoint saved; run the same command to resume"), line
-    at = int(line.split(" at step ")[1].split(";")[0])
+    return int(line.split(" at step ")[1].split(";")[0]), err
+
+
+def test_sigint_then_sigterm_mid_run_save_say_so_in_one_line_and_resume_exactly(small_corpus, tmp_path):
+    steps = 40
+    cmd = cli(small_corpus, **{"train.max_steps": steps})
     last = tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"
-    assert 3 <= at < steps and ckpt_io.load(last)["step"] == at
+    first, _ = _interrupt(cmd, tmp_path, signal.SIGINT, after_rows=3)
+    assert 3 <= first < steps and ckpt_io.load(last)["step"] == first
+    second, _ = _interrupt(cmd, tmp_path, signal.SIGTERM, after_rows=first + 3)  # rows after `first` were cut
+    assert first < second < steps and ckpt_io.load(last)["step"] == second
 
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -106,9 +111,9 @@ def test_a_signal_mid_run_saves_says_so_in_one_line_and_resumes_exactly(small_co
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert_same_weights(weights(straight / "runs" / "tiny" / "checkpoints" / "last.pt"), weights(last))
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["kind"], r["step"]) for r in rows if "loss" in r]
-    assert len(keys) == len(set(keys)) and ("train", steps) in keys  # each step once after the resume
+    assert len(keys) == len(set(keys)) and ("train", steps) in keys  # each step once after two resumes
 
 
 def _signalled_twice():
