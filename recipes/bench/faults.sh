@@ -3,7 +3,7 @@
 # Reruns, as a user would (the installed mt-train / mt-translate, from an empty folder), each fault
 # that issue 12 lists, and prints every command with its exit code and the last line it wrote to
 # stderr. The default recipe (Multi30k en->de, the built-in corpus), a few steps each. Needs root
-# for the full-disk case (a 64 MB tmpfs); skipped otherwise.
+# for the full-disk case (a 512 MB tmpfs); skipped otherwise.
 set -u
 W=${1:-$(mktemp -d)}
 mkdir -p "$W" && cd "$W" || exit 1
@@ -57,7 +57,7 @@ n = collections.Counter((r['kind'], r['step']) for r in rows)
 print('  metrics.jsonl rows:', len(rows), 'steps written twice:', sum(v > 1 for v in n.values()))"
 
 echo "== a full disk"
-if [ "$(id -u)" = 0 ] && mkdir -p disk && mount -t tmpfs -o size=64m tmpfs disk; then
+if [ "$(id -u)" = 0 ] && mkdir -p disk && mount -t tmpfs -o size=512m tmpfs disk; then
     show mt-train name=full hydra.run.dir=disk/run $SHORT train.max_steps=10
     python -c "import os; s = os.statvfs('disk'); f = os.open('disk/filler', os.O_CREAT | os.O_WRONLY); os.posix_fallocate(f, 0, s.f_bavail * s.f_frsize - 65536)"
     show mt-train name=full hydra.run.dir=disk/run $SHORT train.max_steps=20
@@ -84,7 +84,7 @@ mkdir -p blank zero gz
 printf '\n\n\n\n' > blank/train.en; cp blank/train.en blank/train.de
 : > zero/train.en; : > zero/train.de
 for d in blank zero; do for s in valid test2016; do for l in en de; do echo "a b" > $d/$s.$l; done; done; done
-python -c "import gzip; open('gz/train.en.gz','wb').write(gzip.compress(b'a b\n' * 5000)[:300])"
+python -c "import gzip; z = gzip.compress('\n'.join(f'{i} b' for i in range(50000)).encode()); open('gz/train.en.gz', 'wb').write(z[:len(z) // 2])"
 for l in de; do python -c "import gzip; open('gz/train.de.gz','wb').write(gzip.compress(b'a b\n' * 5000))"; done
 for s in valid test2016; do for l in en de; do echo "a b" > gz/$s.$l; done; done
 for d in blank zero gz; do show mt-train name=$d data.path=$PWD/$d "stages=[prepare,tokenizer]"; done
