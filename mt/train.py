@@ -199,7 +199,7 @@ class MetricsLog:
         self.enabled, self.path, self.writer = enabled, run_dir / "metrics.jsonl", None
         if enabled and resume_step is not None and self.path.exists():
             rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= resume_step]
+            kept = [r for r, step in zip(rows, map(_row_step, rows)) if step is not None and step <= resume_step]
             if kept != rows:
                 tmp = self.path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(kept), encoding="utf-8")
