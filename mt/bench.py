@@ -24,29 +24,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mt import version_string
+from mt.precision import matmul_peak
 
 DEFAULT_DIR = Path("runs") / ".bench"
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def matmul_peak(dtype_name: str, seconds: float = 1.0, n: int = 1024) -> float:
-    """GFLOP/s of a square matrix product, the best of several timed rounds."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def prepare(args) -> Path:
@@ -88,7 +72,8 @@ class _Trainer:
         from mt.batches import epoch_batches
         from mt.config import compose_config
         from mt.tokenizer import IdCorpus
-        from mt.train import LossModel, resolve_precision
+        from mt.precision import resolve_precision
+        from mt.train import LossModel
 
         unknown = ablate - set(ABLATIONS)
         if unknown:
@@ -120,7 +105,7 @@ class _Trainer:
     def forward_backward(self, b) -> None:
         import torch
 
-        from mt.train import autocast
+        from mt.precision import autocast
 
         with autocast(torch.device("cpu"), self.precision):
             out = self.loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)

@@ -36,6 +36,7 @@ from mt.config import to_container
 from mt.fused import LinearCrossEntropy
 from mt.interrupt import Interrupted, StopRequest
 from mt.model import Seq2Seq, build_model, count_parameters
+from mt.precision import autocast, resolve_precision
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
 
 log = logging.getLogger("mt.train")
@@ -111,28 +112,6 @@ class LossModel(nn.Module):
         loss, nll = LinearCrossEntropy.apply(att[mask], out.weight, out.bias, tgt_out[mask], self.label_smoothing,
                                              compute)
         return torch.stack([loss, nll.detach()])
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where bf16 matrix products are faster than float32, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from mt.bench import matmul_peak
-
-    fp32, bf16 = matmul_peak("float32", 0.2, 512), matmul_peak("bfloat16", 0.2, 512)
-    choice = "bf16" if bf16 >= 1.5 * fp32 else "fp32"
-    log.info("train.precision=auto: %s (bf16 matmul %.0f GFLOP/s, float32 %.0f)", choice, bf16, fp32)
-    return choice
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 needs CUDA; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @torch.no_grad()
