@@ -1,11 +1,14 @@
 """Attention: additive (Bahdanau; Luong's `concat` has the same form) and multiplicative (Luong's
 `dot` and `general`), with padding masks.
 
-Keys are projected once per batch (`project_keys`, called by the encoder wrapper), so a decoder
-step only projects its query. Every call returns the weights so they can be inspected and plotted.
+Keys are projected once per batch (`project_keys`, Seq2Seq.encode), so a decoder step only
+projects its query. The score and mixing functions are module-level, so the decoder's
+hand-written loop (mt/decoder_loop.py) calls the same ones. Every call returns the weights, so
+they can be inspected and plotted.
 
     keys = attn.project_keys(values)                       # values: batch x src_len x value_size
     context, weights = attn(query, keys, values, bias)     # query: batch x q or batch x T x q
+    q = attn.project_query(query); attn.attend(q, keys, values, bias)   # the same, in two parts
     # context: batch [x T] x value_size; weights: batch [x T] x src_len, each row sums to 1
 """
 from __future__ import annotations
@@ -47,45 +50,50 @@ def additive_scores(keys: Tensor, q: Tensor, v: Tensor) -> Tensor:
     return out if q.dim() == 3 else out.squeeze(1)
 
 
-def float32_decode_attention(device_type: str) -> bool:
-    """True while decoding (no autograd) under autocast: a step's attention is matrix-vector work,
-    bound by memory, not arithmetic; bf16 there only adds casts (and bf16 tanh is slow on CPUs),
-    so it runs in the parameters' dtype. Seq2Seq.encode casts keys and values for it once per
-    batch; Attention.forward runs the step with autocast off."""
-    return not torch.is_grad_enabled() and torch.is_autocast_enabled(device_type)
+def multiplicative_scores(keys: Tensor, q: Tensor) -> Tensor:
+    """q . k for every source position: keys B x S x Q, q B x Q or B x T x Q -> B x S or B x T x S."""
+    if q.dim() == 2:
+        return torch.bmm(keys, q.unsqueeze(2)).squeeze(2)
+    return torch.bmm(q, keys.transpose(1, 2))
+
+
+def mix(scores: Tensor, bias: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+    """Masked softmax over the source and the weighted sum of the values: scores B x S or
+    B x T x S, bias B x S (`mask_bias`), values B x S x C -> context B [x T] x C, weights B [x T] x S."""
+    if scores.dim() == 2:
+        weights = F.softmax(scores + bias, dim=-1)
+        return torch.bmm(weights.unsqueeze(1), values).squeeze(1), weights
+    weights = F.softmax(scores + bias.unsqueeze(1), dim=-1)
+    return torch.bmm(weights, values), weights
 
 
 class Attention(nn.Module):
-    """Base class: subclasses define `project_keys` and `scores`; `forward` masks and mixes."""
+    """Base class: subclasses define `project_keys`, `project_query` and `scores` (of a projected
+    query); `attend` masks and mixes; `forward` = project the query, then attend."""
 
     def project_keys(self, values: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+    def project_query(self, query: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
-        """query: B x Q (one step) or B x T x Q (all steps); bias: B x S from `mask_bias`."""
-        if query.dim() == 2 and float32_decode_attention(query.device.type):
-            with torch.autocast(query.device.type, enabled=False):
-                return self.forward(query.to(values.dtype), keys.to(values.dtype), values, bias.to(values.dtype))
-        if query.dim() == 2 and query.shape[0] != keys.shape[0]:
+    def scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        """q: a projected query, B x A (one step) or B x T x A (all steps); bias: B x S."""
+        if q.dim() == 2 and q.shape[0] != keys.shape[0]:
             # decoding with `group` rows per source (EncoderOut.group, beam search): each source's
             # rows are its queries, so keys and values are read once per source, not per beam
-            sources, width = keys.shape[0], query.shape[1]
-            context, weights = self.forward(query.view(sources, -1, width), keys, values, bias)
-            return context.reshape(query.shape[0], -1), weights.reshape(query.shape[0], -1)
+            context, weights = self.attend(q.view(keys.shape[0], -1, q.shape[1]), keys, values, bias)
+            return context.reshape(q.shape[0], -1), weights.reshape(q.shape[0], -1)
         batch, src_len = bias.shape
-        assert query.shape[0] == batch and keys.shape[:2] == (batch, src_len), (
-            f"attention shapes: query {tuple(query.shape)}, keys {tuple(keys.shape)}, mask {tuple(bias.shape)}")
-        scores = self.scores(query, keys)  # B x S  or  B x T x S
-        if query.dim() == 2:
-            weights = F.softmax(scores + bias, dim=-1)
-            context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # B x C
-        else:
-            weights = F.softmax(scores + bias.unsqueeze(1), dim=-1)
-            context = torch.bmm(weights, values)  # B x T x C
-        return context, weights
+        assert q.shape[0] == batch and keys.shape[:2] == (batch, src_len), (
+            f"attention shapes: query {tuple(q.shape)}, keys {tuple(keys.shape)}, mask {tuple(bias.shape)}")
+        return mix(self.scores(q, keys), bias, values)
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.attend(self.project_query(query), keys, values, bias)
 
 
 class AdditiveAttention(Attention):
@@ -100,21 +108,21 @@ class AdditiveAttention(Attention):
     def project_keys(self, values: Tensor) -> Tensor:
         return self.key_layer(values)  # B x S x A
 
-    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
-        q = self.query_layer(query)
-        if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):  # no autograd
-            w = self.energy_layer.weight
-            w = w if isinstance(w, Tensor) else w().dequantize()  # int8 (mt.inference): a method
-            return additive_scores(keys, q.to(keys.dtype), w[0])
-        if query.dim() == 2:
-            energy = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
-        else:
-            energy = torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2))  # B x T x S x A
-        return self.energy_layer(energy).squeeze(-1)
+    def project_query(self, query: Tensor) -> Tensor:
+        return self.query_layer(query)  # B [x T] x A
+
+    def scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        v = self.energy_layer.weight[0]  # A
+        if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or v.requires_grad)):
+            return additive_scores(keys, q.to(keys.dtype), v)  # no autograd: blocked, in place
+        if q.dim() == 2:
+            return torch.tanh(keys + q.unsqueeze(1)) @ v.to(keys.dtype)  # B x S
+        return torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2)) @ v.to(keys.dtype)  # B x T x S
 
 
 class MultiplicativeAttention(Attention):
-    """Luong et al. 2015: `dot` score(q, k) = q . k; `general` score(q, k) = q . W k."""
+    """Luong et al. 2015: `dot` score(q, k) = q . k; `general` score(q, k) = q . W k (W applied
+    to the keys, once per batch)."""
 
     def __init__(self, query_size: int, value_size: int, general: bool):
         super().__init__()
@@ -125,10 +133,11 @@ class MultiplicativeAttention(Attention):
     def project_keys(self, values: Tensor) -> Tensor:
         return values if self.key_layer is None else self.key_layer(values)  # B x S x Q
 
-    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
-        if query.dim() == 2:
-            return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # B x S
-        return torch.bmm(query, keys.transpose(1, 2))  # B x T x S
+    def project_query(self, query: Tensor) -> Tensor:
+        return query
+
+    def scores(self, q: Tensor, keys: Tensor) -> Tensor:
+        return multiplicative_scores(keys, q)
 
 
 def build_attention(kind: str, query_size: int, value_size: int, attn_size: int) -> Attention:

@@ -141,6 +141,12 @@ class TrainConfig:
     # auto: bf16 autocast where it is faster (CUDA with bf16; CPUs whose bf16 matrix products
     # measure at least 1.5x float32, e.g. with AMX), else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # Hand-written backward passes (the same functions as autograd's path, tested against it):
+    # the decoder's loop over steps (mt/decoder_loop.py; one-layer decoders that need a loop) and
+    # the output layer + loss (mt/loss.py). auto = handwritten on CPU, where BENCHMARKS.md measures
+    # them paying; autograd elsewhere (unmeasured there).
+    decoder_backward: Literal["auto", "autograd", "handwritten"] = "auto"
+    loss_backward: Literal["auto", "autograd", "handwritten"] = "auto"
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     log_every: int = 100
@@ -159,6 +165,7 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 1234
     batch_size: int = 64  # sentences per batch
+    min_len: int = 0  # > 0: EOS is blocked before this many tokens (benchmarks force a fixed length)
     # Speed options, each with its measured BLEU cost in BENCHMARKS.md; mt-translate's --int8,
     # --bf16 and --shortlist override them.
     int8: bool = False  # int8 dynamic quantization of every matrix product (CPU)
@@ -224,7 +231,7 @@ RANGES: Dict[str, str] = {
     "decode.temperature": "(0, inf)",
     "decode.top_k": "[0, inf)",  # 0 = off
     "decode.top_p": "(0, 1]",  # 1 = off
-    "decode.seed": SEED, "decode.batch_size": "[1, inf)",
+    "decode.seed": SEED, "decode.batch_size": "[1, inf)", "decode.min_len": "[0, inf)",
     "decode.shortlist": "[0, inf)",  # 0 = off
 }
 # SentencePiece adds 256 byte pieces for byte_fallback (bpe and unigram models only).

@@ -13,25 +13,10 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mt.fused import Dropout
-
-
-def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: float,
-             bidirectional: bool = False) -> nn.RNNBase:
-    """torch's fused recurrent layer for a `model.cell` name."""
-    kwargs = dict(num_layers=layers, batch_first=True, bidirectional=bidirectional,
-                  dropout=dropout if layers > 1 else 0.0)
-    if cell == "gru":
-        return nn.GRU(input_size, hidden, **kwargs)
-    if cell == "lstm":
-        return nn.LSTM(input_size, hidden, **kwargs)
-    if cell in ("rnn_tanh", "rnn_relu"):
-        return nn.RNN(input_size, hidden, nonlinearity=cell[4:], **kwargs)
-    raise ValueError(f"model.cell: unknown cell {cell!r}")
+from mt.cells import make_rnn
 
 
 @dataclass
@@ -82,65 +67,25 @@ class RecurrentEncoder(nn.Module):
                  bidirectional: bool, dropout: float, emb_dropout: float):
         super().__init__()
         self.embedding = embedding
-        self.cell = cell
         self.rnn = make_rnn(cell, embedding.embedding_dim, hidden, layers, dropout, bidirectional)
-        self.emb_dropout = Dropout(emb_dropout)
-        self.dropout = Dropout(dropout)
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.dropout = nn.Dropout(dropout)
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden * self.directions
         self.layers = layers
-        self.layer_dropout = Dropout(dropout)  # between layers, as nn.GRU(dropout=...) does
-        self.use_fused = True  # mt.fused.EncoderLoop when gradients are needed (training)
 
     def forward(self, src: Tensor, src_len: Tensor):
         """src: batch x src_len; src_len: batch (on any device) -> outputs, summary, summary_cell."""
         assert src.dim() == 2 and src_len.shape == (src.shape[0],), (
             f"encoder shapes: src {tuple(src.shape)}, src_len {tuple(src_len.shape)}")
         emb = self.emb_dropout(self.embedding(src))  # B x S x E
-        if self.use_fused and torch.is_grad_enabled() and isinstance(self.rnn, nn.RNNBase):
-            outputs, h_n, c_n = self._forward_fused(emb, src_len)
-        else:
-            packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
-            packed_out, final = self.rnn(packed)
-            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.shape[1])
-            h_n, c_n = final if isinstance(final, tuple) else (final, None)
+        packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        packed_out, final = self.rnn(packed)  # cuDNN on CUDA
+        outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.shape[1])
+        h_n, c_n = final if isinstance(final, tuple) else (final, None)
 
         def last_layer(state: Tensor) -> Tensor:  # (layers*dirs) x B x H -> B x dirs*H
             return torch.cat(list(state[-self.directions:]), dim=-1)
 
         summary_cell = last_layer(c_n) if c_n is not None else None
         return self.dropout(outputs), last_layer(h_n), summary_cell
-
-    def _forward_fused(self, emb: Tensor, src_len: Tensor):
-        """The same function as the packed nn.GRU/LSTM/RNN, through mt.fused.EncoderLoop: input
-        products for all steps at once, hand-written backward, batched weight gradients. The
-        reverse direction reads each sentence reversed within its own length."""
-        from mt.fused import EncoderLoop
-
-        seq, batch = emb.shape[1], emb.shape[0]
-        device = emb.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.rnn.weight_hh_l0.dtype
-        lengths = src_len.to(emb.device)
-        steps = torch.arange(seq, device=emb.device)[:, None]  # S x 1
-        mask = (steps < lengths[None, :]).unsqueeze(2)  # S x B x 1
-        reverse = torch.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)  # S x B, an involution
-        x = emb.transpose(0, 1)  # S x B x E
-        finals_h, finals_c = [], []
-        for layer in range(self.layers):
-            outs = []
-            for direction in range(self.directions):
-                sfx = f"l{layer}" + ("_reverse" if direction else "")
-                inp = x if direction == 0 else x.gather(0, reverse.unsqueeze(2).expand(-1, -1, x.shape[2]))
-                gx = F.linear(inp, getattr(self.rnn, f"weight_ih_{sfx}"), getattr(self.rnn, f"bias_ih_{sfx}"))
-                out, h, c = EncoderLoop.apply((self.cell, compute), gx, mask, getattr(self.rnn, f"weight_hh_{sfx}"),
-                                              getattr(self.rnn, f"bias_hh_{sfx}"))
-                if direction:
-                    out = out.gather(0, reverse.unsqueeze(2).expand(-1, -1, out.shape[2]))
-                outs.append(out)
-                finals_h.append(h)
-                finals_c.append(c)
-            x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-            if layer < self.layers - 1:
-                x = self.layer_dropout(x)
-        c_n = torch.stack(finals_c) if self.cell == "lstm" else None
-        return x.transpose(0, 1), torch.stack(finals_h), c_n

@@ -1,28 +1,25 @@
 """The encoder-decoder and its builder.
 
-Search (mt/search.py) sees a model only through this narrow interface (fairseq's
-`reorder_incremental_state` idea), so greedy, beam and sampling never inspect model types:
+Training uses `model(src, src_len, tgt_in)` (teacher forcing) -> attentional vectors, and the
+output layer (`model.logits`) on the positions that count: the output layer never sees padding.
+Decoding goes through mt/decoding.py's DecodingModel, which gives the search functions the
+narrow interface they take (encode, init_state, step, reorder) and holds every decode-time
+product and option, so this module holds no inference state.
 
-    enc = model.encode(src, src_len)              # once per batch
-    state = model.init_state(enc)
-    logits, state, attn = model.step(tokens, state, enc)   # tokens: batch -> logits: batch x V
-    state = model.reorder_state(state, index)     # beams were re-ranked / sentences finished
-    enc = model.reorder_encoder(enc, index)       # only when the set of sentences changes
-
-Training uses `model(src, src_len, tgt_in)` (teacher forcing) -> attentional vectors, and
-`model.logits(vectors)` on the positions that count: the output layer never sees padding.
+    att, attn = model(src, src_len, tgt_in)      # batch x T x out_size, batch x T x src_len
+    enc = model.encode(src, src_len)             # the encoding the decoder attends to
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from mt.attention import float32_decode_attention, mask_bias
+from mt.attention import mask_bias
+from mt.cells import GATES
 from mt.config import ConfigError, ModelConfig
-from mt.decoder import DecoderState, RecurrentDecoder
+from mt.decoder import RecurrentDecoder
 from mt.encoder import EncoderOut, RecurrentEncoder
 from mt.tokenizer import PAD_ID
 
@@ -33,44 +30,25 @@ class Seq2Seq(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    # --- the interface search uses ----------------------------------------------------------------
-
-    def encode(self, src: Tensor, src_len: Tensor) -> EncoderOut:
-        """src: batch x src_len ids (PAD after the end); src_len: batch."""
-        outputs, summary, summary_cell = self.encoder(src, src_len)
+    def encode(self, src: Tensor, src_len: Tensor, encoder: Optional[nn.Module] = None) -> EncoderOut:
+        """src: batch x src_len ids (PAD after the end); src_len: batch. `encoder`: another copy
+        of this model's encoder (decoding's int8 one)."""
+        outputs, summary, summary_cell = (encoder or self.encoder)(src, src_len)
         keys = self.decoder.attention.project_keys(outputs)  # once per batch, not per step
-        if float32_decode_attention(src.device.type):  # cast once per batch, not every step
-            dtype = self.decoder.rnn.weight_hh_l0.dtype
-            outputs, keys = outputs.to(dtype), keys.to(dtype)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_len.to(src.device)[:, None]
         return EncoderOut(outputs, keys, mask_bias(mask, outputs.dtype), summary, summary_cell)
 
-    def init_state(self, enc: EncoderOut) -> DecoderState:
-        return self.decoder.init_state(enc)
-
-    def step(self, tokens: Tensor, state: DecoderState, enc: EncoderOut) -> Tuple[Tensor, DecoderState, Tensor]:
-        """tokens: batch (the previous output) -> logits batch x V, new state, attention batch x S."""
-        att, state, weights = self.decoder.step(self.decoder.embed_inputs(tokens), state, enc)
-        return self.decoder.output_layer(att), state, weights
-
-    @staticmethod
-    def reorder_state(state: DecoderState, index: Tensor) -> DecoderState:
-        return state.index_select(index)
-
-    @staticmethod
-    def reorder_encoder(enc: EncoderOut, index: Tensor) -> EncoderOut:
-        return enc.index_select(index)
-
     # --- training -------------------------------------------------------------------------------
 
-    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tf_ratio: float = 1.0) -> Tuple[Tensor, Tensor]:
+    def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, tf_ratio: float = 1.0,
+                decoder_backward: str = "autograd") -> Tuple[Tensor, Tensor]:
         """Teacher forcing. tgt_in: batch x T (BOS + reference) -> attentional vectors
-        batch x T x att_size and attention weights batch x T x src_len."""
+        batch x T x out_size and attention weights batch x T x src_len."""
         enc = self.encode(src, src_len)
-        return self.decoder(tgt_in, self.init_state(enc), enc, tf_ratio)
+        return self.decoder(tgt_in, self.decoder.init_state(enc), enc, tf_ratio, decoder_backward)
 
     def logits(self, vectors: Tensor) -> Tensor:
-        """Output layer: ... x att_size -> ... x vocab."""
+        """Output layer: ... x out_size -> ... x vocab."""
         return self.decoder.output_layer(vectors)
 
     @property
@@ -109,10 +87,10 @@ def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, seed: Optional
     encoder = RecurrentEncoder(cfg.cell, src_embed, cfg.enc_hidden, cfg.enc_layers, cfg.bidirectional,
                                cfg.dropout, cfg.emb_dropout)
     # tied output weights need attentional vectors of the embedding size
-    att_size = cfg.emb_size if tie != "none" else cfg.dec_hidden
+    out_size = cfg.emb_size if tie != "none" else cfg.dec_hidden
     decoder = RecurrentDecoder(
         cfg.cell, tgt_embed, encoder.output_size, cfg.dec_hidden, cfg.dec_layers, cfg.decoder,
-        cfg.attention, cfg.attn_size, cfg.input_feeding, cfg.bridge == "bridge", att_size,
+        cfg.attention, cfg.attn_size, cfg.input_feeding, cfg.bridge == "bridge", out_size,
         tgt_vocab, cfg.dropout, cfg.emb_dropout)
     model = Seq2Seq(encoder, decoder)
     _init_weights(model)
@@ -129,15 +107,15 @@ def flops_per_target_token(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, src
                            mean_src_len: float = 13.0) -> float:
     """Approximate multiply-add FLOPs (x2) of training per target token: forward + backward (x3).
     Counts the matrix products only (recurrences, attention over mean_src_len, output layer)."""
-    g = {"gru": 3, "lstm": 4, "rnn_tanh": 1, "rnn_relu": 1}[cfg.cell]
+    g = GATES[cfg.cell]
     d = 2 if cfg.bidirectional else 1
     enc_out = cfg.enc_hidden * d
     enc = 0.0
     for layer in range(cfg.enc_layers):
         inp = cfg.emb_size if layer == 0 else enc_out
         enc += d * g * cfg.enc_hidden * (inp + cfg.enc_hidden)
-    att_size = cfg.emb_size if cfg.tie_embeddings != "none" else cfg.dec_hidden
-    feed = enc_out if cfg.decoder == "bahdanau" else (att_size if cfg.input_feeding else 0)
+    out_size = cfg.emb_size if cfg.tie_embeddings != "none" else cfg.dec_hidden
+    feed = enc_out if cfg.decoder == "bahdanau" else (out_size if cfg.input_feeding else 0)
     dec = 0.0
     for layer in range(cfg.dec_layers):
         inp = cfg.emb_size + feed if layer == 0 else cfg.dec_hidden
@@ -148,6 +126,6 @@ def flops_per_target_token(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, src
     else:
         key = enc_out * cfg.dec_hidden * src_per_tgt if cfg.attention == "general" else 0
         attn = mean_src_len * (cfg.dec_hidden + enc_out) + key
-    out = (cfg.dec_hidden + enc_out) * att_size + att_size * tgt_vocab
+    out = (cfg.dec_hidden + enc_out) * out_size + out_size * tgt_vocab
     macs = enc * src_per_tgt + dec + attn + out
     return 2.0 * 3.0 * macs

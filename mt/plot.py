@@ -70,7 +70,7 @@ def attention_matrix(translator, text: str):
     result = translator.translate_batch([text])[0]
     src_ids = translator.tok.encode_src([normalize(text)])[0]
     tgt_ids = result.hyps[0].tokens
-    model = translator.model
+    model = translator.decoding.model
     src = pad([src_ids], suffix=EOS_ID).to(translator.device)
     tgt_in = pad([tgt_ids], prefix=BOS_ID).to(translator.device)
     _, weights = model(src, torch.tensor([len(src_ids) + 1]), tgt_in)
@@ -109,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.sentence or args.text:
             from mt.translate import Translator
 
-            translator = Translator.from_path(run, args.device)
+            translator = Translator.from_path(run, device=args.device)
             text, name = args.text, "text"
             if args.sentence:
                 from mt.data import load_split

@@ -1,5 +1,6 @@
-"""Greedy, beam and sampling search, batched, over the model's narrow interface only:
-`encode`, `init_state`, `step`, `reorder_state`, `reorder_encoder` (see mt/model.py).
+"""Greedy, beam and sampling search, batched, over a narrow interface only (`Decodable`:
+encode, init_state, step, reorder_state, reorder_encoder), which mt/decoding.py's DecodingModel
+implements; tests drive the searches with scripted models of their own.
 
     hyps = beam_search(model, src, src_len, beam_size=5, alpha=0.6)
     hyps[i][0].tokens    # best hypothesis of sentence i (ids, no BOS/EOS); .score, .logprob
@@ -14,13 +15,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mt.tokenizer import BOS_ID, EOS_ID
+
+
+class Decodable(Protocol):
+    """What search sees of a model. `state` and `enc` are opaque to search, with the batch (the
+    decoder rows) in dimension 0 of what `reorder_*` re-index."""
+
+    def encode(self, src: Tensor, src_len: Tensor) -> Any: ...  # src: batch x src_len ids
+
+    def init_state(self, enc: Any) -> Any: ...
+
+    def step(self, tokens: Tensor, state: Any, enc: Any) -> Tuple[Tensor, Any, Tensor]:
+        """tokens: rows (the previous output) -> logits rows x V, new state, attention rows x src_len."""
+        ...
+
+    def reorder_state(self, state: Any, index: Tensor) -> Any: ...  # row r <- row index[r]
+
+    def reorder_encoder(self, enc: Any, index: Tensor) -> Any: ...  # the same, for the encoding
 
 
 @dataclass
@@ -116,13 +134,13 @@ def _row_candidates(logits: Tensor, step: int, min_len: int, forced_end: Tensor,
 
 
 @torch.no_grad()
-def greedy_search(model, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+def greedy_search(model: Decodable, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
                   min_len: int = 0) -> List[List[Hypothesis]]:
     return sample_search(model, src, src_len, max_len_a, max_len_b, min_len, greedy=True)
 
 
 @torch.no_grad()
-def sample_search(model, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+def sample_search(model: Decodable, src: Tensor, src_len: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
                   min_len: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   num_samples: int = 1, seed: Optional[int] = None, greedy: bool = False) -> List[List[Hypothesis]]:
     """Ancestral sampling (temperature, top-k, top-p), or argmax when greedy. num_samples
@@ -189,7 +207,7 @@ def _filtered_probs(logp: Tensor, temperature: float, top_k: int, top_p: float) 
 
 
 @torch.no_grad()
-def beam_search(model, src: Tensor, src_len: Tensor, beam_size: int = 5, alpha: float = 0.6,
+def beam_search(model: Decodable, src: Tensor, src_len: Tensor, beam_size: int = 5, alpha: float = 0.6,
                 max_len_a: float = 1.5, max_len_b: int = 10, n_best: int = 1,
                 min_len: int = 0) -> List[List[Hypothesis]]:
     """Beam search with the GNMT length penalty. A sentence stops when `beam_size` hypotheses

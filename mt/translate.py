@@ -33,8 +33,10 @@ from mt import version_string
 from mt.batches import pad
 from mt.config import DecodeConfig, ModelConfig, structured, to_container
 from mt.data import normalize
-from mt.model import Seq2Seq, build_model
-from mt.search import Hypothesis, beam_search, greedy_search, sample_search
+from mt.decoding import DecodingModel
+from mt.model import build_model
+from mt.search import Hypothesis
+from mt.shortlist import Shortlist
 from mt.tokenizer import EOS_ID, Tokenizer
 
 log = logging.getLogger("mt.translate")
@@ -47,11 +49,13 @@ class Result:
     texts: List[str] = field(default_factory=list)  # every hypothesis, detokenised
 
 
-def saved_decode_config(saved: Dict[str, Any]):
-    """A checkpoint's decode settings as a DecodeConfig; checkpoints written before decode.int8
-    and decode.bf16 existed carry `quantize` (never read then: off)."""
-    saved = {k: v for k, v in saved.items() if k != "quantize"}
-    return structured(DecodeConfig(**saved))
+def decode_config(saved: Dict[str, Any], decode: Any = None, overrides: Optional[Dict[str, Any]] = None):
+    """The DecodeConfig to decode with: `decode` (a DecodeConfig or its dict) if given, else the
+    checkpoint's saved settings, then `overrides` (decode.* keys; None = keep), ranges checked.
+    Checkpoints written before decode.int8 and decode.bf16 existed carry `quantize` (never read then: off)."""
+    base = to_container(decode) if decode is not None else {k: v for k, v in saved.items() if k != "quantize"}
+    base.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return structured(DecodeConfig(**base))
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -61,38 +65,28 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
+def load_shortlist(ckpt_path: Path, size: int, tok: Tokenizer) -> Shortlist:
+    """The shortlist of `size` from the training data of the run a checkpoint belongs to."""
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+    ids = run / "tokenizer" / "ids" if run else None
+    if ids is None or not (ids / "train.src.bin").is_file():
+        raise ValueError("--shortlist needs the model's run directory (it reads the training data's ids)")
+    return Shortlist.build(ids, size, tok.src_vocab_size, tok.tgt_vocab_size)
+
+
 class Translator:
-    """A model, its tokenizer and decoding settings: lines in, translations out."""
+    """A decoding model (mt/decoding.py) and its tokenizer: lines in, translations out.
+    Build it with `Translator.from_path`."""
 
-    def __init__(self, model: Seq2Seq, tok: Tokenizer, decode: Any, device: torch.device, max_train_len: int = 0):
-        self.model, self.tok, self.decode, self.device = model.eval(), tok, decode, device
-        model.decoder.freeze()
-        self.max_train_len = max_train_len
-        self.min_len = 0  # > 0 blocks EOS before that many tokens (benchmarks: fixed-length output)
-        self.run_dir: Optional[Path] = None  # the run the model came from (for the shortlist's data)
-        self.shortlist = None
-        self.bf16 = False
-
-    def quantize(self) -> None:
-        """int8 dynamic quantization (CPU): see mt/inference.py."""
-        from mt.inference import quantize_int8
-
-        if self.device.type != "cpu":
-            raise ValueError("--int8 is for CPU inference")
-        quantize_int8(self.model)
-
-    def set_shortlist(self, size: int) -> None:
-        from mt.inference import Shortlist
-
-        ids = self.run_dir / "tokenizer" / "ids" if self.run_dir else None
-        if ids is None or not (ids / "train.src.bin").is_file():
-            raise ValueError("--shortlist needs the model's run directory (it reads the training data's ids)")
-        self.shortlist = Shortlist.build(ids, size, self.tok.src_vocab_size, self.tok.tgt_vocab_size)
+    def __init__(self, decoding: DecodingModel, tok: Tokenizer, max_train_len: int = 0):
+        self.decoding, self.tok, self.max_train_len = decoding, tok, max_train_len
+        self.decode = decoding.decode
+        self.device = next(decoding.model.parameters()).device
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "auto", **overrides: Any) -> "Translator":
-        """Load a checkpoint (a run directory means its checkpoints/best.pt); `overrides` set
-        decode.* keys (None = keep the checkpoint's value)."""
+    def from_path(cls, path: Path, decode: Any = None, device: str = "auto", **overrides: Any) -> "Translator":
+        """Load a checkpoint (a run directory means its checkpoints/best.pt) and decode with
+        `decode` (default: the checkpoint's decode settings) and `overrides` (decode.* keys)."""
         from mt.distributed import resolve_device
 
         dev = resolve_device(device)
@@ -106,28 +100,14 @@ class Translator:
         model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"])
         ckpt_io.load_weights(model, ckpt, ckpt_path)  # refuses, in one line, a checkpoint at odds with itself
         tok = Tokenizer(t["src"], None if t["tgt"] == t["src"] else t["tgt"])  # after: its bytes were checked
-        decode = saved_decode_config(ckpt["config"]["decode"])
-        for key, value in overrides.items():
-            if value is not None:
-                decode[key] = value
-        decode = structured(DecodeConfig(**to_container(decode)))  # the overrides' ranges are checked too
+        decode = decode_config(ckpt["config"]["decode"], decode, overrides)
+        shortlist = load_shortlist(ckpt_path, decode.shortlist, tok) if decode.shortlist else None
         log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
-        translator = cls(model.to(dev), tok, decode, dev, ckpt["config"]["train"]["max_len"])
-        translator.run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-        translator.apply_speed_options()
-        return translator
-
-    def apply_speed_options(self) -> None:
-        """decode.int8, decode.bf16 and decode.shortlist, as the config (or the command line) says."""
-        if self.decode.int8:
-            self.quantize()
-        if self.decode.shortlist:
-            self.set_shortlist(self.decode.shortlist)
-        self.bf16 = bool(self.decode.bf16)
-        on = [name for name, value in (("int8", self.decode.int8), ("bf16", self.bf16),
-                                       (f"shortlist {self.decode.shortlist}", self.decode.shortlist)) if value]
+        on = [name for name, value in (("int8", decode.int8), ("bf16", decode.bf16),
+                                       (f"shortlist {decode.shortlist}", decode.shortlist)) if value]
         if on:
             log.info("decoding with %s", ", ".join(on))
+        return cls(DecodingModel(model.to(dev), decode, shortlist), tok, ckpt["config"]["train"]["max_len"])
 
     @torch.no_grad()
     def translate_batch(self, lines: Sequence[str], first_line: int = 1) -> List[Result]:
@@ -151,34 +131,10 @@ class Translator:
             chunk = order[start:start + bs]
             src = pad([ids[j] for j in chunk], suffix=EOS_ID).to(self.device)
             src_len = torch.tensor([len(ids[j]) + 1 for j in chunk])
-            for j, hyps in zip(chunk, self._search(src, src_len)):
+            for j, hyps in zip(chunk, self.decoding.search(src, src_len)):
                 texts = [self.tok.decode_tgt(h.tokens) for h in hyps]
                 results[todo[j][0]] = Result(texts[0], hyps, texts)
         return [r for r in results if r is not None]
-
-    def _search(self, src: torch.Tensor, src_len: torch.Tensor) -> List[List[Hypothesis]]:
-        from contextlib import nullcontext
-
-        from mt.inference import ShortlistModel
-
-        d, model, ids = self.decode, self.model, None
-        if self.shortlist is not None:
-            ids = self.shortlist.for_batch(src)
-            model = ShortlistModel(self.model, ids)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            if d.method == "greedy" or (d.method == "beam" and d.beam_size == 1 and d.n_best == 1):
-                hyps = greedy_search(model, src, src_len, d.max_len_a, d.max_len_b, self.min_len)
-            elif d.method == "beam":
-                hyps = beam_search(model, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best,
-                                   self.min_len)
-            else:
-                hyps = sample_search(model, src, src_len, d.max_len_a, d.max_len_b, temperature=d.temperature,
-                                     top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
-        if ids is not None:  # shortlist indices -> vocabulary ids
-            for sentence in hyps:
-                for h in sentence:
-                    h.tokens = ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if h.tokens else []
-        return hyps
 
     def translate(self, lines: Sequence[str]) -> List[str]:
         """The best translation of each line, in order (the Python API's call)."""
@@ -222,7 +178,7 @@ def translate_test(cfg, run_dir: Path) -> Path:
     if not cfg.force and out.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         log.info("translate: %s is up to date, skipped", out)
         return out
-    translator = Translator.from_path(best, cfg.device, **to_container(cfg.decode))
+    translator = Translator.from_path(best, cfg.decode, cfg.device)
     src = load_split(run_dir / "data", "test")["src"]
     tmp = out.with_suffix(".hyp.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -310,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise ValueError("--n-best > 1 needs --format tsv or jsonl (text keeps one line per input)")
         if (args.n_best or 1) > (args.beam or args.n_best or 1) and not args.sample:
             raise ValueError("--n-best cannot exceed --beam")
-        translator = Translator.from_path(Path(args.model), args.device, **overrides)
+        translator = Translator.from_path(Path(args.model), device=args.device, **overrides)
         name = args.input or "stdin"
         inp = open(args.input, "rb", buffering=0) if args.input else sys.stdin.buffer
         out = open(args.output, "w", encoding="utf-8") if args.output else \

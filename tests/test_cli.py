@@ -41,8 +41,9 @@ def test_translate_keeps_one_line_per_input_line(trained):
 def test_translate_file_options_formats_and_greedy_equals_beam_one(trained, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("A man.\nA woman sings.\n", encoding="utf-8")
-    sh([BIN / "mt-translate", "-m", trained, "--greedy", "-i", src, "-o", tmp_path / "g.txt"], check=True)
-    sh([BIN / "mt-translate", "-m", trained, "--beam", "1", "-i", src, "-o", tmp_path / "b.txt"], check=True)
+    g = sh([BIN / "mt-translate", "-m", trained, "--greedy", "-i", src, "-o", tmp_path / "g.txt"], check=True)
+    b = sh([BIN / "mt-translate", "-m", trained, "--beam", "1", "-i", src, "-o", tmp_path / "b.txt"], check=True)
+    assert "greedy search" in g.stderr.decode() and "beam search" in b.stderr.decode()  # two code paths
     assert (tmp_path / "g.txt").read_text() == (tmp_path / "b.txt").read_text()
     r = sh([BIN / "mt-translate", "-m", trained / "checkpoints" / "best.pt", "--beam", "3", "--n-best", "3",
             "--format", "jsonl", "-i", src], check=True)
@@ -199,18 +200,24 @@ def test_decode_speed_keys_are_honoured_by_the_pipeline_and_the_command_line(tra
 
     from mt.translate import Translator, translate_test
 
-    fast = Translator.from_path(trained, "cpu", int8=True, shortlist=50, bf16=True)
-    assert isinstance(fast.model.decoder.output_layer, Int8Linear) and fast.shortlist is not None and fast.bf16
-    plain = Translator.from_path(trained, "cpu")
-    assert not isinstance(plain.model.decoder.output_layer, Int8Linear) and plain.shortlist is None and not plain.bf16
+    fast = Translator.from_path(trained, device="cpu", int8=True, shortlist=50, bf16=True)
+    d = fast.decoding
+    assert isinstance(d.logits, Int8Linear) and d.shortlist is not None and d.bf16
+    plain = Translator.from_path(trained, device="cpu").decoding
+    assert not isinstance(plain.logits, Int8Linear) and plain.shortlist is None and not plain.bf16
 
     used = []
-    monkeypatch.setattr(Translator, "apply_speed_options",
-                        lambda self: used.append((self.decode.int8, self.decode.bf16, self.decode.shortlist)))
+    real = Translator.__init__
+
+    def spy(self, decoding, *a):
+        used.append((decoding.int8, decoding.bf16, decoding.shortlist is not None))
+        real(self, decoding, *a)
+
+    monkeypatch.setattr(Translator, "__init__", spy)
     run_dir = tmp_path / "copy"
     shutil.copytree(trained, run_dir)  # links followed: the copy is self-contained
     translate_test(tiny_cfg(**{"decode.int8": "true", "decode.shortlist": 50}), run_dir)
-    assert used == [(True, False, 50)]  # the stage's decode.* reach the translator
+    assert used == [(True, False, True)]  # the stage's decode.* reach the decoding model
     monkeypatch.undo()
 
     r = sh([BIN / "mt-translate", "-m", trained, "--int8", "--shortlist", "50"], "A dog runs.\n")

@@ -6,6 +6,7 @@ import torch
 
 from mt.attention import build_attention, mask_bias
 from mt.config import ConfigError, ModelConfig, structured
+from mt.decoding import DecodingModel
 from mt.model import build_model, count_parameters
 from mt.tokenizer import BOS_ID, PAD_ID
 
@@ -39,20 +40,91 @@ ARCHS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(str(v) for v in a.values()))
-def test_teacher_forced_forward_equals_step_by_step(arch):
+def stepwise(model, src, src_len, tgt_in):
+    """Logits and attention, one DecodingModel step at a time: B x T x V, B x T x S."""
+    decoding = DecodingModel(model)
+    enc = decoding.encode(src, src_len)
+    state = decoding.init_state(enc)
+    logits, weights = [], []
+    for t in range(tgt_in.shape[1]):
+        out, state, w = decoding.step(tgt_in[:, t], state, enc)
+        logits.append(out)
+        weights.append(w)
+    return torch.stack(logits, 1), torch.stack(weights, 1)
+
+
+WHOLE_SEQUENCE = [a for a in ARCHS if a["dec_layers"] == 1 or (a["decoder"] == "luong" and not a["input_feeding"])]
+
+
+@pytest.mark.parametrize("arch", WHOLE_SEQUENCE, ids=lambda a: "-".join(str(v) for v in a.values()))
+def test_whole_sequence_teacher_forcing_equals_step_by_step(arch):
+    """The paths that run the whole target (one nn.GRU/LSTM/RNN call; the hand-written loop)
+    give what `step` gives, one token at a time."""
     torch.manual_seed(0)
     model = build_model(model_cfg(**arch), V, V).eval()
     src, src_len, tgt_in = batch()
     with torch.no_grad():
-        att, weights = model(src, src_len, tgt_in)
-        logits = model.logits(att)
-        enc = model.encode(src, src_len)
-        state = model.init_state(enc)
+        att, weights = model(src, src_len, tgt_in, decoder_backward="handwritten")
+        step_logits, step_weights = stepwise(model, src, src_len, tgt_in)
+    torch.testing.assert_close(step_logits, model.logits(att), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step_weights, weights, atol=1e-6, rtol=1e-5)
+
+
+def reference_step(model, y, state, outputs, mask):
+    """One decoder step written out from the papers' equations with torch's own cell functions:
+    what `step` must compute. Returns logits, attention, (hidden, cell, feed)."""
+    dec, rnn, att_mod = model.decoder, model.decoder.rnn, model.decoder.attention
+    hidden, cell = list(state.hidden), list(state.cell) if state.cell else None
+
+    def attend(query):
+        if hasattr(att_mod, "query_layer"):  # v . tanh(W_q q + W_k k)
+            energy = torch.tanh(outputs @ att_mod.key_layer.weight.t() + (query @ att_mod.query_layer.weight.t())[:, None])
+            scores = energy @ att_mod.energy_layer.weight[0]
+        else:  # q . k  or  q . W k
+            keys = outputs if att_mod.key_layer is None else outputs @ att_mod.key_layer.weight.t()
+            scores = (keys * query[:, None]).sum(-1)
+        w = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return (w[:, :, None] * outputs).sum(1), w
+
+    x = dec.embedding(y)
+    if dec.style == "bahdanau":
+        context, w = attend(hidden[-1])
+        x = torch.cat([x, context], 1)
+    elif state.feed is not None:
+        x = torch.cat([x, state.feed], 1)
+    for layer in range(dec.layers):
+        args = [getattr(rnn, f"{k}_l{layer}") for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if dec.cell_kind == "lstm":
+            hidden[layer], cell[layer] = torch.lstm_cell(x, (hidden[layer], cell[layer]), *args)
+        else:
+            hidden[layer] = getattr(torch, f"{dec.cell_kind}_cell")(x, hidden[layer], *args)
+        x = hidden[layer]
+    if dec.style == "luong":
+        context, w = attend(hidden[-1])
+    att = torch.tanh(dec.att_layer(torch.cat([hidden[-1], context], 1)))
+    return dec.output_layer(att), w, (hidden, cell, att)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(str(v) for v in a.values()))
+def test_step_equals_torch_cells_and_the_attention_formulas(arch):
+    """`step`, through the module's own products and through DecodingModel's, against the
+    equations written out with torch.gru_cell / lstm_cell / rnn_*_cell."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg(**arch), V, V).eval()
+    src, src_len, tgt_in = batch()
+    mask = torch.arange(src.shape[1])[None, :] < src_len[:, None]
+    with torch.no_grad():
+        step_logits, step_weights = stepwise(model, src, src_len, tgt_in)
+        dec, enc = model.decoder, model.encode(src, src_len)
+        products, state, ref_state = dec.products(), dec.init_state(enc), dec.init_state(enc)
         for t in range(tgt_in.shape[1]):
-            step_logits, state, w = model.step(tgt_in[:, t], state, enc)
-            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(w, weights[:, t], atol=1e-6, rtol=1e-5)
+            att, state, w = dec.step(products.embed(tgt_in[:, t]), state, enc, products)
+            logits, w_ref, (h, c, feed) = reference_step(model, tgt_in[:, t], ref_state, enc.outputs, mask)
+            ref_state = type(state)(tuple(h), tuple(c) if c else None, feed if state.feed is not None else None)
+            for got in (dec.output_layer(att), step_logits[:, t]):
+                torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-4)
+            for got in (w, step_weights[:, t]):
+                torch.testing.assert_close(got, w_ref, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bahdanau", "concat", "general", "dot"])
@@ -86,25 +158,6 @@ def test_encoder_padding_does_not_leak():
                 assert (enc.outputs[i, n:] == 0).all()
 
 
-def test_decoder_cell_matches_torch_fused_rnn():
-    """The hand-written cell equations equal nn.GRU / nn.LSTM on the same weights."""
-    torch.manual_seed(0)
-    for cell in ["gru", "lstm", "rnn_tanh", "rnn_relu"]:
-        model = build_model(model_cfg(cell=cell, decoder="luong", attention="general",
-                                      input_feeding=False, dec_layers=2), V, V).eval()
-        dec = model.decoder
-        src, src_len, tgt_in = batch()
-        with torch.no_grad():
-            enc = model.encode(src, src_len)
-            state = model.init_state(enc)
-            h0 = torch.stack(state.hidden)
-            ref, _ = dec.rnn(dec.embedding(tgt_in), (h0, torch.stack(state.cell)) if cell == "lstm" else h0)
-            gx = dec.embed_inputs(tgt_in)
-            for t in range(tgt_in.shape[1]):
-                _, state, _ = dec.step(gx[:, t], state, enc)
-                torch.testing.assert_close(state.hidden[-1], ref[:, t], atol=1e-5, rtol=1e-4)
-
-
 def test_tied_embeddings_share_one_tensor():
     m = build_model(model_cfg(tie_embeddings="all"), V, V)
     assert m.decoder.output_layer.weight is m.encoder.embedding.weight is m.decoder.embedding.weight
@@ -118,7 +171,7 @@ def test_tied_embeddings_share_one_tensor():
 
 def test_reorder_state_selects_rows():
     torch.manual_seed(0)
-    model = build_model(model_cfg(cell="lstm", decoder="luong", attention="general"), V, V).eval()
+    model = DecodingModel(build_model(model_cfg(cell="lstm", decoder="luong", attention="general"), V, V))
     src, src_len, tgt_in = batch()
     with torch.no_grad():
         enc = model.encode(src, src_len)
@@ -137,7 +190,7 @@ def test_scheduled_sampling_with_ratio_one_is_teacher_forcing():
     src, src_len, tgt_in = batch()
     with torch.no_grad():
         a, _ = model(src, src_len, tgt_in, tf_ratio=1.0)
-        b, _ = model.decoder._forward_sampled(tgt_in, model.init_state(model.encode(src, src_len)),
+        b, _ = model.decoder._forward_sampled(tgt_in, model.decoder.init_state(model.encode(src, src_len)),
                                               model.encode(src, src_len), tf_ratio=1.0)
         c, _ = model(src, src_len, tgt_in, tf_ratio=0.0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mt.config import ModelConfig, structured
+from mt.decoding import DecodingModel
 from mt.model import build_model
 from mt.search import beam_search, greedy_search, length_penalty, sample_search
 from mt.tokenizer import EOS_ID
@@ -15,7 +16,7 @@ V = 7
 
 class ScriptedModel:
     """A model whose next-token distribution depends only on the prefix so far (a dict lookup),
-    behind the same narrow interface as mt.model.Seq2Seq. The state is the prefix."""
+    behind the narrow interface mt.search.Decodable. The state is the prefix."""
 
     def __init__(self, table, default=None):
         self.table, self.default = table, default or {EOS_ID: 1.0}
@@ -95,7 +96,7 @@ def tiny_model(seed=0, **kw):
     model = build_model(structured(ModelConfig(**base)), 40, 40).eval()
     with torch.no_grad():  # a peaked output distribution, so the search has something to find
         model.decoder.output_layer.weight.mul_(8)
-    return model
+    return DecodingModel(model)
 
 
 def batch(n=6, seed=1):

@@ -17,7 +17,8 @@ from mt.config import TrainConfig, structured
 from mt.model import build_model
 from mt.pipeline import run
 from mt.tokenizer import IdCorpus
-from mt.train import LossModel, LRSchedule, teacher_forcing_ratio
+from mt.loss import LossModel
+from mt.schedule import LRSchedule, teacher_forcing_ratio
 
 from conftest import tiny_overrides
 
@@ -223,7 +224,7 @@ def test_the_progress_bar_follows_whichever_limit_ends_the_run_first():
     from omegaconf import OmegaConf
 
     from mt.distributed import Context
-    from mt.train import LimitBar, limit_fraction
+    from mt.progress import LimitBar, limit_fraction
 
     def cfg(**kw):
         return OmegaConf.create({"max_steps": 0, "max_epochs": 0, "max_time": 0.0, **kw})

@@ -32,7 +32,7 @@ OPTIONS = {  # name -> (int8, shortlist size, bf16)
 
 
 def load(run: Path, int8: bool, shortlist: int, bf16: bool, beam: int) -> Translator:
-    return Translator.from_path(run, "cpu", beam_size=beam, int8=int8, shortlist=shortlist, bf16=bf16)
+    return Translator.from_path(run, device="cpu", beam_size=beam, int8=int8, shortlist=shortlist, bf16=bf16)
 
 
 def main() -> None:

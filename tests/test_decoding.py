@@ -1,11 +1,14 @@
-"""Speed options of decoding never change translations beyond float noise: the inference weight
-cache, a shortlist that holds the whole vocabulary, and bf16 (whose tolerance is bf16's). int8 is
-the exception the benchmark report measures in BLEU; here it only has to stay close."""
+"""Decoding (mt/decoding.py): its decode-time products never change translations beyond float
+noise (the detached products, the embedding table, a shortlist that holds the whole vocabulary,
+bf16 within bf16's rounding); int8 is the exception the benchmark report measures in BLEU, here
+it only has to stay close. The model itself is never modified."""
 import pytest
 import torch
 
-from mt.inference import Shortlist, ShortlistModel, quantize_int8
-from mt.search import beam_search, greedy_search
+from mt.config import DecodeConfig, structured
+from mt.decoding import DecodingModel
+from mt.search import beam_search
+from mt.shortlist import Shortlist
 from mt.tokenizer import EOS_ID
 
 from test_search import batch, tiny_model  # the same tiny model and batches as the search tests
@@ -15,10 +18,25 @@ ARCHS = [dict(), dict(cell="lstm", decoder="luong", attention="general"),
          dict(decoder="luong", attention="bahdanau", input_feeding=True, dec_layers=2, enc_layers=2)]
 
 
-def outputs(model, src, lens):
+def decode(**kw):
+    return structured(DecodeConfig(**kw))
+
+
+class FixedShortlist:
+    """Shortlist.for_batch's interface with fixed ids."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def for_batch(self, src):
+        return self.ids
+
+
+def outputs(decoding, src, lens):
     with torch.no_grad():
-        hyps = beam_search(model, src, lens, beam_size=4, alpha=0.6, n_best=3)
-    return [[(h.tokens, h.score) for h in sent] for sent in hyps]
+        hyps = beam_search(decoding, src, lens, beam_size=4, alpha=0.6, n_best=3)
+    return [[(decoding.vocab_ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if decoding.vocab_ids is not None
+              else h.tokens, h.score) for h in sent] for sent in hyps]
 
 
 def assert_same(a, b, tol=1e-5):
@@ -27,14 +45,14 @@ def assert_same(a, b, tol=1e-5):
         assert [s for _, s in sent_a] == pytest.approx([s for _, s in sent_b], abs=tol)
 
 
-def step_logits(model, src, lens, steps=4):
-    """Teacher-forced logits of a few steps fed with a fixed token sequence: batch x steps x V."""
+def step_logits(decoding, src, lens, steps=4):
+    """Logits of a few steps fed with a fixed token sequence: batch x steps x V."""
     with torch.no_grad():
-        enc = model.encode(src, lens)
-        state, out = model.init_state(enc), []
+        enc = decoding.encode(src, lens)
+        state, out = decoding.init_state(enc), []
         tokens = torch.full((src.shape[0],), 2, dtype=torch.long)
         for t in range(steps):
-            logits, state, _ = model.step(tokens, state, enc)
+            logits, state, _ = decoding.step(tokens, state, enc)
             out.append(logits.float())
             tokens = torch.full_like(tokens, 4 + t)
     return torch.stack(out, 1)
@@ -42,38 +60,32 @@ def step_logits(model, src, lens, steps=4):
 
 @pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_inference_weight_cache_changes_nothing(arch, table, monkeypatch):
-    import mt.decoder
+def test_decode_time_products_change_nothing(arch, table, monkeypatch):
+    import mt.decoding
 
     if not table:  # a vocabulary too large for the embedding-product table: the product stays
-        monkeypatch.setattr(mt.decoder, "EMB_TABLE_MAX_MB", 0)
-    model, (src, lens) = tiny_model(**arch), batch()
-    plain = outputs(model, src, lens)
-    model.decoder.freeze()
-    assert model.decoder.frozen is not None
-    assert (model.decoder.frozen["emb_table"] is not None) == table
-    assert_same(outputs(model, src, lens), plain)
-    model.train()  # back to training drops the cache
-    assert model.decoder.frozen is None
+        monkeypatch.setattr(mt.decoding, "EMB_TABLE_MAX_MB", 0)
+    model, (src, lens) = tiny_model(**arch).model, batch()
+    reference = DecodingModel(model)
+    reference.products = model.decoder.products()  # the module's own products, as training steps
+    assert_same(outputs(DecodingModel(model), src, lens), outputs(reference, src, lens))
 
 
 @pytest.mark.parametrize("arch", ARCHS[:2])
 def test_full_vocabulary_shortlist_changes_nothing_and_a_subset_is_the_same_logits(arch):
-    model, (src, lens) = tiny_model(**arch), batch()
-    everything = ShortlistModel(model, torch.arange(V))
-    assert_same(outputs(everything, src, lens), outputs(model, src, lens))
+    model, (src, lens) = tiny_model(**arch).model, batch()
+    plain = DecodingModel(model)
+    assert_same(outputs(DecodingModel(model, decode(), FixedShortlist(torch.arange(V))), src, lens),
+                outputs(plain, src, lens))
     ids = torch.tensor([0, 1, 2, 3, 7, 11, 19, 23, 31])  # specials first, as Shortlist.for_batch makes them
-    full, short = step_logits(model, src, lens), step_logits(ShortlistModel(model, ids), src, lens)
-    # the wrapper feeds shortlist indices: index 4.. map to ids 7.., so compare with fed ids
-    sub = ShortlistModel(model, torch.arange(V))
-    assert torch.allclose(step_logits(sub, src, lens), full, atol=1e-6)
+    short = DecodingModel(model, decode(), FixedShortlist(ids))
     with torch.no_grad():  # one step from BOS: the shortlist's logits are the full logits at its ids
-        enc = model.encode(src, lens)
         bos = torch.full((src.shape[0],), 2, dtype=torch.long)
-        a, _, _ = model.step(bos, model.init_state(enc), enc)
-        b, _, _ = ShortlistModel(model, ids).step(bos, model.init_state(enc), enc)
+        enc_a, enc_b = plain.encode(src, lens), short.encode(src, lens)
+        a, _, _ = plain.step(bos, plain.init_state(enc_a), enc_a)
+        b, _, _ = short.step(bos, short.init_state(enc_b), enc_b)
     assert torch.allclose(a[:, ids], b, atol=1e-6)
-    assert short.shape == (src.shape[0], 4, len(ids))
+    assert step_logits(short, src, lens).shape == (src.shape[0], 4, len(ids))
 
 
 def test_shortlist_is_built_from_cooccurrence_and_keeps_specials(tmp_path):
@@ -101,41 +113,44 @@ def test_shortlist_is_built_from_cooccurrence_and_keeps_specials(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS[:2])
-def test_bf16_decoding_stays_within_bf16_rounding(arch):
-    model, (src, lens) = tiny_model(**arch), batch()
-    full = step_logits(model, src, lens)
+def test_bf16_decoding_stays_within_bf16_rounding_with_float32_attention(arch, monkeypatch):
+    model, (src, lens) = tiny_model(**arch).model, batch()
+    full = step_logits(DecodingModel(model), src, lens)
+    half = DecodingModel(model, decode(bf16=True))
+    seen = []
+    attend = model.decoder.attention.attend
+    monkeypatch.setattr(model.decoder.attention, "attend", lambda q, *a: seen.append(q.dtype) or attend(q, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = step_logits(model, src, lens)
-    scale = full.abs().max()
-    assert (half - full).abs().max() <= 0.05 * scale  # bf16 keeps 8 bits of mantissa
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        hyps = greedy_search(model, src, lens)
-    assert len(hyps) == src.shape[0]
+        low = step_logits(half, src, lens)
+    assert seen and set(seen) == {torch.float32}  # the attention ran in float32
+    assert (low - full).abs().max() <= 0.05 * full.abs().max()  # bf16 keeps 8 bits of mantissa
+    assert len(half.search(src, lens)) == src.shape[0]
 
 
 @pytest.mark.parametrize("arch", ARCHS[:2])
 def test_int8_stays_close(arch):
-    model, (src, lens) = tiny_model(**arch), batch()
-    full = step_logits(model, src, lens)
-    quantized = step_logits(quantize_int8(model), src, lens)
+    model, (src, lens) = tiny_model(**arch).model, batch()
+    full = step_logits(DecodingModel(model), src, lens)
+    quantized = step_logits(DecodingModel(model, decode(int8=True)), src, lens)
     cos = torch.nn.functional.cosine_similarity(full.flatten(1), quantized.flatten(1), dim=1)
     assert cos.min() > 0.99, cos
 
 
-def test_int8_covers_the_decoder_cell_and_a_shortlist_of_it_is_its_logits_at_those_ids():
+def test_int8_covers_every_product_leaves_the_model_alone_and_shortlists_its_logits():
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
-    model, (src, lens) = tiny_model(decoder="luong", attention="bahdanau", input_feeding=True, dec_layers=2), batch()
-    quantize_int8(model)
-    frozen = model.decoder.frozen
-    dec = model.decoder
-    every_product = [frozen["feed"], *frozen["hh"], frozen["ih"][1], dec.att_layer, dec.output_layer,
-                     dec.bridge_h, dec.attention.query_layer, dec.attention.key_layer]
-    assert all(isinstance(p, Int8Linear) for p in every_product)
-    full = step_logits(model, src, lens)
-    short = step_logits(ShortlistModel(model, torch.arange(V)), src, lens)  # an int8 copy of the same layer
-    assert isinstance(ShortlistModel(model, torch.arange(V)).project, Int8Linear)
-    assert torch.allclose(short, full, atol=1e-4)
+    model, (src, lens) = tiny_model(decoder="luong", attention="bahdanau", input_feeding=True, dec_layers=2).model, batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = DecodingModel(model, decode(int8=True))
+    p = int8.products
+    assert all(isinstance(f, Int8Linear) for f in [p.feed, *p.hh, p.ih[1], p.query, p.out, int8.logits])
+    assert type(int8.encoder.rnn).__module__.startswith("torch.ao.nn.quantized")
+    assert type(model.encoder.rnn) is torch.nn.GRU  # the model's own modules are untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    full = step_logits(int8, src, lens)
+    short = DecodingModel(model, decode(int8=True), FixedShortlist(torch.arange(V)))
+    assert torch.allclose(step_logits(short, src, lens), full, atol=1e-4)
+    assert isinstance(short.logits, Int8Linear)
 
 
 # --- a checkpoint at odds with itself is refused by every loader, in one line ---------------------
@@ -205,7 +220,7 @@ def test_a_consistent_tiny_checkpoint_loads_and_translates(small_corpus, tmp_pat
     from mt.translate import Translator
 
     path = write_tiny_checkpoint(small_corpus, tmp_path / "best.pt")
-    assert len(Translator.from_path(path, "cpu", method="greedy", max_len_b=3).translate(["A dog runs."])) == 1
+    assert len(Translator.from_path(path, device="cpu", method="greedy", max_len_b=3).translate(["A dog runs."])) == 1
 
 
 @pytest.mark.parametrize("case", list(TAMPERED))
@@ -216,6 +231,6 @@ def test_an_inconsistent_checkpoint_is_refused_in_one_line_naming_file_and_key(c
     tamper, expected = TAMPERED[case]
     path = write_tiny_checkpoint(small_corpus, tmp_path / "best.pt", tamper)
     with pytest.raises(CheckpointError, match=expected) as refused:
-        Translator.from_path(path, "cpu")
+        Translator.from_path(path, device="cpu")
     message = str(refused.value)
     assert message.startswith(str(path)) and "\n" not in message, message
