@@ -10,6 +10,15 @@ printed one per line (`name value`) and written together as JSON (--out). Decodi
 fixed output length (--fixed-len, default 20: EOS blocked before, forced at it), so an untrained
 model does the same work as a trained one, and as the peer toolkits in ../shared/bench/peers do.
 This is a benchmark, not a test: the machine's speed drifts, so compare within one run.
+
+The fraction of peak: with `peak` among --phases, the float32 and bf16 matmul peaks are sampled
+(~0.5 s each) before the first phase, between phases, after the last, and in the train phase's
+own process just before and after its timed loop. Every sample is kept
+(`machine.fp32_matmul_gflops.samples`, `.sampled_at`), `machine.fp32_matmul_gflops` is the
+highest, and `train.fraction_of_peak` is training's GFLOP/s over the highest sample of the
+dtype it ran in (`train.fraction_of_peak.dtype`: bfloat16 for --precision bf16). A training
+rate above every sample is itself a lower bound on the peak: it is counted as a sample (stderr
+says so), so the fraction is never above 1.0.
 """
 from __future__ import annotations
 
