@@ -10,6 +10,15 @@ printed one per line (`name value`) and written together as JSON (--out). Decodi
 fixed output length (--fixed-len, default 20: EOS blocked before, forced at it), so an untrained
 model does the same work as a trained one, and as the peer toolkits in ../shared/bench/peers do.
 This is a benchmark, not a test: the machine's speed drifts, so compare within one run.
+
+The fraction of peak: with `peak` among --phases, the float32 and bf16 matmul peaks are sampled
+(~0.5 s each) before the first phase, between phases, after the last, and in the train phase's
+own process just before and after its timed loop. Every sample is kept
+(`machine.fp32_matmul_gflops.samples`, `.sampled_at`), `machine.fp32_matmul_gflops` is the
+highest, and `train.fraction_of_peak` is training's GFLOP/s over the highest sample of the
+dtype it ran in (`train.fraction_of_peak.dtype`: bfloat16 for --precision bf16). A training
+rate above every sample is itself a lower bound on the peak: it is counted as a sample (stderr
+says so), so the fraction is never above 1.0.
 """
 from __future__ import annotations
 
@@ -20,8 +29,9 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from mt import version_string
 from mt.precision import matmul_peak
@@ -56,6 +66,70 @@ def _model(args, run_dir: Path):
     cfg = compose_config(["~recipe", f"model={args.model}"])  # the model group alone, no recipe values
     tok = Tokenizer.from_dir(run_dir / "tokenizer")
     return cfg, tok, build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
+
+
+# torch dtype -> the short name in the figures' keys (machine.fp32_matmul_gflops, ...)
+PEAK_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+# per dtype and sample: short, because a run takes one before, between and after its phases and
+# two inside the train phase; the highest of them is the peak, so many short ones beat one long
+PEAK_SECONDS = 0.5
+
+
+def sample_peaks(at: str) -> Dict[str, List[Any]]:
+    """One matmul peak sample per dtype, taken here and now (`at` says where), as list-valued
+    figures that merge_figures appends to the run's."""
+    figures: Dict[str, List[Any]] = {}
+    for dtype, short in PEAK_DTYPES.items():
+        figures[f"machine.{short}_matmul_gflops.samples"] = [matmul_peak(dtype, PEAK_SECONDS)]
+        figures[f"machine.{short}_matmul_gflops.sampled_at"] = [at]
+    return figures
+
+
+def merge_figures(figures: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """Adds `new` to `figures`: lists (peak samples) are appended to, other values set.
+    Returns the non-list ones, the figures to print."""
+    for k, v in new.items():
+        if isinstance(v, list):
+            figures.setdefault(k, []).extend(v)
+        else:
+            figures[k] = v
+    return {k: v for k, v in new.items() if not isinstance(v, list)}
+
+
+# the samples a phase takes in its own process (peak_samples_around), for _child to report
+_PHASE_SAMPLES: Dict[str, List[Any]] = {}
+
+
+@contextmanager
+def peak_samples_around(args, phase: str) -> Iterator[None]:
+    """Peak samples just before and just after the block (a phase's timed loop), when the run
+    samples peaks at all: in the timed work's own process and threads, and close to it in time,
+    which is what a fraction of the peak should be measured against on a drifting machine."""
+    sampling = "peak" in args.phases.split(",")
+    if sampling:
+        merge_figures(_PHASE_SAMPLES, sample_peaks(f"{phase}: before its timed loop"))
+    yield
+    if sampling:
+        merge_figures(_PHASE_SAMPLES, sample_peaks(f"{phase}: after its timed loop"))
+
+
+def peak_summary(samples: Sequence[float], dtype: str) -> str:
+    """How a peak was found: 'the highest of 7 float32 peak samples, 141-189 GFLOP/s'."""
+    return f"the highest of {len(samples)} {dtype} peak samples, {min(samples):.0f}-{max(samples):.0f} GFLOP/s"
+
+
+def faster_than_peak(gflops: float, samples: Sequence[float]) -> Optional[str]:
+    """The note to print where training ran faster than every peak sample, else None."""
+    if gflops <= max(samples):
+        return None
+    return f"training ran faster than every peak sample: the peak is at least {gflops:.0f} GFLOP/s"
+
+
+def fraction_of_peak(gflops: float, samples: Sequence[float]) -> float:
+    """`gflops` over the highest peak sample, counting `gflops` itself as one: a rate the
+    machine reached is a lower bound on its peak, so the fraction is never above 1 (above it,
+    the sampling missed the machine's fast moments or the FLOP count is over-estimated)."""
+    return gflops / max([*samples, gflops])
 
 
 ABLATIONS = ("fused_decoder", "fused_encoder", "fused_loss", "fast_dropout", "fused_adam")
@@ -125,14 +199,15 @@ def phase_train(args, run_dir: Path) -> Dict[str, float]:
     ablate = frozenset(filter(None, args.ablate.split(",")))
     tr = _Trainer(args, run_dir, ablate)
     tokens = 0
-    for i in range(args.warmup + args.train_steps):
-        if i == args.warmup:
-            t0, tokens = time.perf_counter(), 0
-        b = tr.batch(i)
-        tr.forward_backward(b)
-        tr.update()
-        tokens += b.n_tokens
-    dt = time.perf_counter() - t0
+    with peak_samples_around(args, "train"):  # dt inside: the sample after must not be timed
+        for i in range(args.warmup + args.train_steps):
+            if i == args.warmup:
+                t0, tokens = time.perf_counter(), 0
+            b = tr.batch(i)
+            tr.forward_backward(b)
+            tr.update()
+            tokens += b.n_tokens
+        dt = time.perf_counter() - t0
     lengths = tr.corpus.lengths
     flops = flops_per_target_token(tr.cfg.model, tr.tok.src_vocab_size, tr.tok.tgt_vocab_size,
                                    float(lengths["src"].sum() / lengths["tgt"].sum()), float(lengths["src"].mean() + 1))
@@ -248,17 +323,14 @@ def _child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    if args.phase == "peak":
-        figures = {"machine.fp32_matmul_gflops": matmul_peak("float32"),
-                   "machine.bf16_matmul_gflops": matmul_peak("bfloat16"),
-                   "machine.threads": float(torch.get_num_threads())}
-    elif args.phase == "train":
+    if args.phase == "train":
         figures = phase_train(args, run_dir)
     elif args.phase == "profile":
         figures = phase_profile(args, run_dir)
     else:
         beam, batch = (int(x) for x in args.phase.split(":"))
         figures = phase_decode(args, run_dir, beam, batch)
+    merge_figures(figures, _PHASE_SAMPLES)
     print(json.dumps(figures))
 
 
@@ -276,7 +348,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sentences", type=int, default=500, help="test sentences to decode (batch 1: a fifth)")
     p.add_argument("--fixed-len", type=int, default=20, help="output length forced in decoding; 0 = natural")
     p.add_argument("--phases", default="peak,train,1:1,1:64,5:1,5:64",
-                   help="peak, train, profile, BEAM:BATCH, ... (comma-separated)")
+                   help="train, profile, BEAM:BATCH, ... (comma-separated); peak, anywhere among them: "
+                   "sample the matmul peak before, between and after them and around the training loop")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training precision")
     p.add_argument("--ablate", default="", help="turn speed-ups off, for before/after figures: comma list of "
@@ -293,6 +366,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _sample_in_this_process(args, figures: Dict[str, Any], at: str) -> None:
+    """A peak sample between phases, here rather than in a process of its own (torch's import
+    alone would take longer than the sample), with the phases' thread count."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures["machine.threads"] = float(torch.get_num_threads())
+    merge_figures(figures, sample_peaks(at))
+
+
+def report_peaks(figures: Dict[str, Any]) -> None:
+    """Each dtype's peak (the highest sample) and training's fraction of the peak of the dtype
+    it ran in, into `figures` and printed. A training rate above every sample of its dtype is
+    counted as a sample of it (a lower bound on the peak), so no fraction is above 1."""
+    dtype = "bfloat16" if figures.get("train.precision") == "bf16" else "float32"
+    key = f"machine.{PEAK_DTYPES[dtype]}_matmul_gflops"
+    gflops, samples = figures.get("train.gflops"), figures.get(f"{key}.samples")
+    note = faster_than_peak(gflops, samples) if gflops is not None and samples else None
+    if note:
+        print(note, file=sys.stderr)
+        merge_figures(figures, {f"{key}.samples": [gflops], f"{key}.sampled_at": ["train.gflops"]})
+    for d, short in PEAK_DTYPES.items():
+        each = figures.get(f"machine.{short}_matmul_gflops.samples")
+        if each:
+            figures[f"machine.{short}_matmul_gflops"] = max(each)
+            print(f"machine.{short}_matmul_gflops {max(each):.4g} ({peak_summary(each, d)})")
+    if gflops is not None and samples:
+        figures["train.fraction_of_peak"] = fraction_of_peak(gflops, samples)
+        figures["train.fraction_of_peak.dtype"] = dtype
+        print(f"train.fraction_of_peak {figures['train.fraction_of_peak']:.3f} (of {peak_summary(samples, dtype)})")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     if args.phase:
@@ -304,18 +410,21 @@ def main(argv: Optional[List[str]] = None) -> None:
                                "config.int8": args.int8, "config.shortlist": args.shortlist, "config.bf16": args.bf16}
     base = [sys.executable, "-m", "mt.bench", "--run-dir", str(run_dir)] + list(
         argv if argv is not None else sys.argv[1:])
-    for phase in args.phases.split(","):
+    phases = args.phases.split(",")
+    sampling = "peak" in phases
+    if sampling:
+        _sample_in_this_process(args, figures, "before the first phase")
+    for phase in (p for p in phases if p != "peak"):
         r = subprocess.run(base + ["--phase", phase], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"mt-bench: phase {phase} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
             sys.exit(1)
-        new = json.loads(r.stdout.strip().splitlines()[-1])
+        new = merge_figures(figures, json.loads(r.stdout.strip().splitlines()[-1]))
         for k, v in new.items():
             print(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}", flush=True)
-        figures.update(new)
-    if "train.gflops" in figures and "machine.fp32_matmul_gflops" in figures:
-        figures["train.fraction_of_fp32_peak"] = figures["train.gflops"] / figures["machine.fp32_matmul_gflops"]
-        print(f"train.fraction_of_fp32_peak {figures['train.fraction_of_fp32_peak']:.3f}")
+        if sampling:
+            _sample_in_this_process(args, figures, f"after {phase}")
+    report_peaks(figures)
     Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 

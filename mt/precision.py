@@ -22,14 +22,35 @@ log = logging.getLogger("mt.precision")
 BF16_MIN_SPEEDUP = 1.5
 
 
+# a peak sample should take about its `seconds` whatever a product costs here: bf16 without AMX
+# runs at ~1 GFLOP/s, where the three 1024 x 1024 warm-up products alone would take 6 s
+PROBE_N = 256
+
+
+def _fitting_n(dtype: torch.dtype, seconds: float, n: int) -> int:
+    """n, halved while one n x n product is predicted to take over a tenth of `seconds`
+    (predicted from a timed PROBE_N product, by the cube of the size)."""
+    a = torch.randn(PROBE_N, PROBE_N, dtype=dtype)
+    a @ a  # the first call also starts the thread pool and picks kernels: not timed
+    t0 = time.perf_counter()
+    a @ a
+    dt = time.perf_counter() - t0
+    while n > 64 and dt * (n / PROBE_N) ** 3 > seconds / 10:
+        n //= 2
+    return n
+
+
 def matmul_peak(dtype_name: str, seconds: float = 1.0, n: int = 1024) -> float:
-    """GFLOP/s of an n x n matrix product in `dtype_name`, the best of rounds over `seconds`."""
+    """GFLOP/s of an n x n matrix product in `dtype_name`, the best of rounds over about
+    `seconds`; n is made smaller where a product of that size would not fit many times."""
     dtype = getattr(torch, dtype_name)
+    end = time.perf_counter() + seconds  # the probe and warm-up count: the whole call is ~`seconds`
+    n = _fitting_n(dtype, seconds, n)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    best = 0.0
+    while best == 0.0 or time.perf_counter() < end:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
