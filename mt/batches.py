@@ -27,10 +27,6 @@ class Batch:
     tgt_out: Tensor  # batch x tgt_len: pieces + EOS, then PAD
     n_tokens: int  # target tokens that count (pieces + EOS)
 
-    @property
-    def size(self) -> int:
-        return self.src.shape[0]
-
 
 def usable(corpus: IdCorpus, max_len: int) -> np.ndarray:
     """Indices of pairs whose sides (with EOS) fit max_len and are not empty on the source side."""

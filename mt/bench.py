@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -54,18 +53,6 @@ def prepare(args) -> Path:
     run(cfg, run_dir)
     setup_logging(None)
     return run_dir
-
-
-def _model(args, run_dir: Path):
-    import torch
-
-    from mt.config import compose_config
-    from mt.model import build_model
-    from mt.tokenizer import Tokenizer
-
-    cfg = compose_config(["~recipe", f"model={args.model}"])  # the model group alone, no recipe values
-    tok = Tokenizer.from_dir(run_dir / "tokenizer")
-    return cfg, tok, build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
 
 
 # torch dtype -> the short name in the figures' keys (machine.fp32_matmul_gflops, ...)
@@ -132,99 +119,99 @@ def fraction_of_peak(gflops: float, samples: Sequence[float]) -> float:
     return gflops / max([*samples, gflops])
 
 
-ABLATIONS = ("fused_decoder", "fused_encoder", "fused_loss", "fast_dropout", "fused_adam")
+# --ablate NAME: a speed-up turned off, as the training config override that turns it off
+ABLATIONS = {"handwritten_decoder": "train.decoder_backward=autograd",
+             "handwritten_loss": "train.loss_backward=autograd"}
 
 
-class _Trainer:
-    """What the train and profile phases share: the model, its batches, loss, optimizer, and
-    one training step (forward, backward, clip, update) with the --ablate switches applied."""
+def bench_config(args, extra: Sequence[str] = ()):
+    """What a phase runs with: conf/ without a recipe, the --model group, the bench's batch and
+    precision on the CPU, then `extra` overrides (--ablate's)."""
+    from mt.config import compose_config
 
-    def __init__(self, args, run_dir: Path, ablate: frozenset = frozenset()):
+    return compose_config(["~recipe", f"model={args.model}", f"train.batch_size={args.batch_size}",
+                           f"train.precision={args.precision}", "device=cpu", *extra])
+
+
+class TrainingStep:
+    """The update mt-train runs (mt.train.build_parts + optimizer_update: the same loss, clip,
+    schedule, accumulation and optimizer), on the bench corpus, with --ablate's overrides."""
+
+    def __init__(self, args, run_dir: Path, ablate: Sequence[str] = ()):
         import torch
 
-        from mt import fused
+        from mt import distributed
         from mt.batches import epoch_batches
-        from mt.config import compose_config
-        from mt.tokenizer import IdCorpus
+        from mt.model import build_model
         from mt.precision import resolve_precision
-        from mt.train import LossModel
+        from mt.schedule import LRSchedule
+        from mt.tokenizer import IdCorpus, Tokenizer
+        from mt.train import build_parts
 
-        unknown = ablate - set(ABLATIONS)
+        unknown = set(ablate) - set(ABLATIONS)
         if unknown:
-            raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))}")
-        self.cfg, self.tok, model = _model(args, run_dir)
-        tcfg = compose_config(["~recipe", f"train.batch_size={args.batch_size}"]).train
+            raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
+        self.cfg = bench_config(args, [ABLATIONS[a] for a in ablate])
+        self.tok = Tokenizer.from_dir(run_dir / "tokenizer")
+        self.model = build_model(self.cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, seed=1).train()
+        ctx = distributed.Context(device=torch.device("cpu"))
+        self.precision = resolve_precision(self.cfg.train.precision, ctx.device)
+        self.parts = build_parts(self.cfg.train, ctx, self.model, self.precision)
         self.corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
-        self.batches = epoch_batches(self.corpus, tcfg, seed=1, epoch=0)
-        self.loss_model = LossModel(model, 0.1).train()
-        model.decoder.use_fused = "fused_decoder" not in ablate
-        model.encoder.use_fused = "fused_encoder" not in ablate
-        if "fast_dropout" in ablate:
-            for m in model.modules():
-                if isinstance(m, fused.Dropout):
-                    m.__class__ = torch.nn.Dropout
-        if "fused_loss" in ablate:
-            self.loss_model.forward = lambda *b: _plain_loss(model, *b)
-        self.model = model
-        self.opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused="fused_adam" not in ablate)
-        self.precision = resolve_precision(args.precision, torch.device("cpu"))
+        self.batches = epoch_batches(self.corpus, self.cfg.train, seed=1, epoch=0)
+        self.schedule = LRSchedule(self.cfg.train)
 
-    def batch(self, i: int):
-        import torch
+    def __call__(self, i: int) -> int:
+        """Update number i (0-based); returns its target tokens."""
+        from mt.schedule import teacher_forcing_ratio
+        from mt.train import optimizer_update
 
-        from mt.batches import collate
-
-        return collate(self.corpus, self.batches[i % len(self.batches)], torch.device("cpu"))
-
-    def forward_backward(self, b) -> None:
-        import torch
-
-        from mt.precision import autocast
-
-        with autocast(torch.device("cpu"), self.precision):
-            out = self.loss_model(b.src, b.src_len, b.tgt_in, b.tgt_out)
-        (out[0] / b.n_tokens).backward()
-
-    def update(self) -> None:
-        import torch
-
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        tcfg, n = self.cfg.train, self.cfg.train.accum_steps
+        group = [self.batches[(i * n + k) % len(self.batches)] for k in range(n)]
+        _, _, tokens, _, _ = optimizer_update(self.parts, self.corpus, group, tcfg, self.schedule.lr(i + 1),
+                                              teacher_forcing_ratio(tcfg, i), False)
+        return tokens
 
 
 def phase_train(args, run_dir: Path) -> Dict[str, float]:
     from mt.model import flops_per_target_token
 
-    ablate = frozenset(filter(None, args.ablate.split(",")))
-    tr = _Trainer(args, run_dir, ablate)
+    ablate = sorted(filter(None, args.ablate.split(",")))
+    step = TrainingStep(args, run_dir, ablate)
     tokens = 0
     with peak_samples_around(args, "train"):  # dt inside: the sample after must not be timed
         for i in range(args.warmup + args.train_steps):
             if i == args.warmup:
                 t0, tokens = time.perf_counter(), 0
-            b = tr.batch(i)
-            tr.forward_backward(b)
-            tr.update()
-            tokens += b.n_tokens
+            tokens += step(i)
         dt = time.perf_counter() - t0
-    lengths = tr.corpus.lengths
-    flops = flops_per_target_token(tr.cfg.model, tr.tok.src_vocab_size, tr.tok.tgt_vocab_size,
+    lengths = step.corpus.lengths
+    flops = flops_per_target_token(step.cfg.model, step.tok.src_vocab_size, step.tok.tgt_vocab_size,
                                    float(lengths["src"].sum() / lengths["tgt"].sum()), float(lengths["src"].mean() + 1))
-    return {"train.precision": tr.precision, "train.ablate": ",".join(sorted(ablate)) or "none",
+    return {"train.precision": step.precision, "train.ablate": ",".join(ablate) or "none",
             "train.target_tokens_per_s": tokens / dt, "train.steps_per_s": args.train_steps / dt,
             "train.flops_per_target_token": flops, "train.gflops": tokens / dt * flops / 1e9,
             "train.peak_rss_mb": peak_rss_mb()}
 
 
-def phase_profile(args, run_dir: Path) -> Dict[str, float]:
-    """Where a training step's time goes. Timers wrap mt.fused's pieces (cells, attention,
-    per-step products, batched weight gradients, the output layer with the loss) by replacing
-    the module's functions for this process only; the rest (embeddings, key projections, the
-    attentional layer, dropout, autograd and Python) is the remainder."""
-    import collections
+# where phase_profile's timers go: (module, function) -> the share it counts toward
+PROFILED = {("decoder_loop", "_attend"): "attention", ("decoder_loop", "attention_backward"): "attention",
+            ("decoder_loop", "cell_step"): "cells", ("decoder_loop", "cell_backward"): "cells",
+            ("decoder_loop", "_mm"): "per-step products", ("decoder_loop", "_addmm"): "per-step products",
+            ("decoder_loop", "_wgrad"): "batched weight gradients"}
 
-    from mt import fused
+
+def phase_profile(args, run_dir: Path) -> Dict[str, float]:
+    """Where a training step's time goes. Timers wrap the hand-written decoder loop's pieces
+    (cells, attention, per-step products, batched weight gradients), the loop itself, the
+    output layer with the loss and the optimizer's step, for this process only; the rest
+    (encoder, embeddings, key projections, the attentional layer, dropout, autograd, Python) is
+    the remainder."""
+    import collections
+    import importlib
+
+    from mt.decoder_loop import DecoderLoop
+    from mt.loss import LinearCrossEntropy
 
     stats: Dict[str, float] = collections.defaultdict(float)
 
@@ -236,71 +223,61 @@ def phase_profile(args, run_dir: Path) -> Dict[str, float]:
             return out
         return wrapper
 
-    for fn, cat in (("attn_forward", "attention"), ("attn_backward", "attention"), ("cell_forward", "cells"),
-                    ("cell_backward", "cells"), ("_mm", "per-step products"), ("_addmm", "per-step products"),
-                    ("_wgrad", "batched weight gradients")):
-        setattr(fused, fn, timed(getattr(fused, fn), cat))
-    for cls, name in ((fused.EncoderLoop, "encoder loop"), (fused.DecoderLoop, "decoder loop"),
-                      (fused.LinearCrossEntropy, "output layer + loss")):
+    for (module, fn), share in PROFILED.items():
+        mod = importlib.import_module(f"mt.{module}")
+        setattr(mod, fn, timed(getattr(mod, fn), share))
+    for cls, name in ((DecoderLoop, "decoder loop"), (LinearCrossEntropy, "output layer + loss")):
         cls.forward = staticmethod(timed(cls.forward, name))
         cls.backward = staticmethod(timed(cls.backward, name))
-    tr = _Trainer(args, run_dir)
+    step = TrainingStep(args, run_dir)
+    step.parts.optimizer.step = timed(step.parts.optimizer.step, "optimizer")
     total = 0.0
     for i in range(args.warmup + args.train_steps):
         if i == args.warmup:
             stats.clear()
             total = 0.0
-        b = tr.batch(i)
         t0 = time.perf_counter()
-        tr.forward_backward(b)
-        t1 = time.perf_counter()
-        tr.update()
-        t2 = time.perf_counter()
-        stats["optimizer"] += t2 - t1
-        total += t2 - t0
-    inner = {k: stats[k] for k in ("attention", "cells", "per-step products", "batched weight gradients")}
-    loops = stats["encoder loop"] + stats["decoder loop"]
-    parts = {**inner, "loop bookkeeping (stack, copies, Python)": loops - sum(inner.values()),
+        step(i)
+        total += time.perf_counter() - t0
+    inner = {k: stats[k] for k in dict.fromkeys(PROFILED.values())}
+    parts = {**inner, "loop bookkeeping (stack, copies, Python)": stats["decoder loop"] - sum(inner.values()),
              "output layer + loss": stats["output layer + loss"], "optimizer": stats["optimizer"]}
     parts["everything else"] = total - sum(parts.values())
     figures = {f"profile.share.{k}": v / total for k, v in parts.items()}
     figures["profile.step_ms"] = total / args.train_steps * 1000
-    figures["profile.precision"] = tr.precision
+    figures["profile.precision"] = step.precision
     return figures
 
 
-def _plain_loss(model, src, src_len, tgt_in, tgt_out):
-    """The loss as autograd writes it (log_softmax, gather, mean): the --ablate fused_loss baseline."""
-    import torch
-    import torch.nn.functional as F
+def untrained_checkpoint(args, run_dir: Path) -> Path:
+    """The --model with seed-1 weights, saved under the bench run dir as training saves best.pt
+    (so decoding loads it the one way there is, Translator.from_path, shortlist included)."""
+    from mt import checkpoint as ckpt_io
+    from mt.config import to_container
+    from mt.model import build_model
+    from mt.tokenizer import Tokenizer
 
-    att, _ = model(src, src_len, tgt_in)
-    mask = tgt_out != 0
-    logp = F.log_softmax(model.logits(att[mask]).float(), dim=-1)
-    nll = -logp.gather(1, tgt_out[mask].unsqueeze(1)).sum()
-    return torch.stack([0.9 * nll - 0.1 * logp.mean(dim=-1).sum(), nll.detach()])
+    path = run_dir / "checkpoints" / f"untrained_{args.model}.pt"
+    if path.exists():
+        return path
+    cfg, tok = bench_config(args), Tokenizer.from_dir(run_dir / "tokenizer")
+    model = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
+    ckpt_io.save({"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
+                  "config": to_container(cfg), "model_config": to_container(cfg.model),
+                  "tokenizer": {"src": tok.src_proto, "tgt": tok.tgt_proto, "fingerprint": tok.fingerprint(),
+                                "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size}}, path)
+    return path
 
 
 def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]:
-    import torch
-
     from mt.data import load_split
     from mt.translate import Translator
 
-    cfg, tok, model = _model(args, run_dir)
-    if args.checkpoint:
-        from mt import checkpoint as ckpt_io
-        ckpt_io.load_weights(model, ckpt_io.load(Path(args.checkpoint)), Path(args.checkpoint))
-    decode = cfg.decode
-    decode.method, decode.beam_size, decode.batch_size, decode.alpha = ("beam" if beam > 1 else "greedy"), beam, batch, 1.0
-    if args.fixed_len:
-        decode.max_len_a, decode.max_len_b = 0.0, args.fixed_len
-    decode.int8, decode.bf16, decode.shortlist = args.int8, args.bf16, args.shortlist
-    translator = Translator(model, tok, decode, torch.device("cpu"))
-    translator.run_dir = run_dir
-    if args.fixed_len:
-        translator.min_len = args.fixed_len
-    translator.apply_speed_options()
+    fixed = dict(max_len_a=0.0, max_len_b=args.fixed_len, min_len=args.fixed_len) if args.fixed_len else {}
+    translator = Translator.from_path(
+        Path(args.checkpoint) if args.checkpoint else untrained_checkpoint(args, run_dir), bench_config(args).decode,
+        device="cpu", method="beam" if beam > 1 else "greedy", beam_size=beam, batch_size=batch, alpha=1.0,
+        int8=args.int8, bf16=args.bf16, shortlist=args.shortlist, **fixed)
     n = args.sentences if batch > 1 else max(1, args.sentences // 5)
     src = list(load_split(run_dir / "data", "test")["src"][:n])
     translator.translate_batch(src[:min(len(src), batch)])  # warm-up
@@ -353,7 +330,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training precision")
     p.add_argument("--ablate", default="", help="turn speed-ups off, for before/after figures: comma list of "
-                   + ", ".join(ABLATIONS))
+                   + ", ".join(f"{k} ({v})" for k, v in ABLATIONS.items()))
     p.add_argument("--repeat", type=int, default=3, help="decoding runs per phase (the median is reported)")
     p.add_argument("--checkpoint", help="decode with these weights instead of untrained ones")
     p.add_argument("--int8", action="store_true", help="decode with int8 dynamic quantization")

@@ -19,7 +19,6 @@ import torch.distributed as dist
 class Context:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -48,7 +47,7 @@ def init(device_name: str) -> Context:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Context(rank, world, local_rank, device)
+    return Context(rank, world, device)
 
 
 def barrier(ctx: Context) -> None:

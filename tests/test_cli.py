@@ -69,7 +69,7 @@ def test_translate_errors_are_one_line(trained, tmp_path):
 def test_an_inconsistent_checkpoint_is_one_error_line_from_every_loader(command, small_corpus, tmp_path):
     """best.pt with a NaN in its weights (no training run needed): each command that loads a
     model refuses it before translating anything, in one line, without a traceback."""
-    from test_inference import TAMPERED, write_tiny_checkpoint
+    from test_decoding import TAMPERED, write_tiny_checkpoint
 
     run_dir = tmp_path / "runs" / "x"
     best = write_tiny_checkpoint(small_corpus, run_dir / "checkpoints" / "best.pt", TAMPERED["NaN"][0])

@@ -44,7 +44,7 @@ def run(model, src, src_len, tgt_in, fused):
 
 
 @pytest.mark.parametrize("arch", CASES, ids=lambda a: "-".join(v for v in a.values() if isinstance(v, str)))
-def test_fused_loop_matches_autograd(arch):
+def test_decoder_loop_loop_matches_autograd(arch):
     model, src, src_len, tgt_in = setup(arch)
     a_ref, w_ref, g_ref = run(model, src, src_len, tgt_in, fused=False)
     a, w, g = run(model, src, src_len, tgt_in, fused=True)
@@ -55,7 +55,7 @@ def test_fused_loop_matches_autograd(arch):
         torch.testing.assert_close(g[name], g_ref[name], msg=name)
 
 
-def test_fused_luong_dropout_mask_is_applied_in_training():
+def test_decoder_loop_luong_dropout_mask_is_applied_in_training():
     model, src, src_len, tgt_in = setup(dict(cell="gru", decoder="luong", attention="general", dropout=0.5))
     model.train()
     torch.manual_seed(3)
@@ -104,7 +104,7 @@ def test_luong_dropout_masked_backward_matches_autograd(cell, monkeypatch):
 
 @pytest.mark.parametrize("arch", [dict(cell="gru", decoder="bahdanau", attention="bahdanau"),
                                   dict(cell="lstm", decoder="luong", attention="general")], ids=["gru", "lstm"])
-def test_fused_loop_under_bf16_autocast_is_as_accurate_as_autograd(arch):
+def test_decoder_loop_loop_under_bf16_autocast_is_as_accurate_as_autograd(arch):
     """bf16 matrix products (autocast) with float32 states: outputs close to float32, and every
     gradient at least as close to the float32 one as autograd's under the same autocast."""
     _, src, src_len, tgt_in = setup(arch, dtype=torch.float32)
