@@ -134,7 +134,7 @@ def bench_config(args, extra: Sequence[str] = ()):
 
 
 class TrainingStep:
-    """The update mt-train runs (mt.train.build_parts + optimizer_update: the same loss, clip,
+    """The update mt-train runs (mt.update.build_parts + optimizer_update: the same loss, clip,
     schedule, accumulation and optimizer), on the bench corpus, with --ablate's overrides."""
 
     def __init__(self, args, run_dir: Path, ablate: Sequence[str] = ()):
@@ -146,7 +146,7 @@ class TrainingStep:
         from mt.precision import resolve_precision
         from mt.schedule import LRSchedule
         from mt.tokenizer import IdCorpus, Tokenizer
-        from mt.train import build_parts
+        from mt.update import build_parts
 
         unknown = set(ablate) - set(ABLATIONS)
         if unknown:
@@ -164,7 +164,7 @@ class TrainingStep:
     def __call__(self, i: int) -> int:
         """Update number i (0-based); returns its target tokens."""
         from mt.schedule import teacher_forcing_ratio
-        from mt.train import optimizer_update
+        from mt.update import optimizer_update
 
         tcfg, n = self.cfg.train, self.cfg.train.accum_steps
         group = [self.batches[(i * n + k) % len(self.batches)] for k in range(n)]

@@ -20,25 +20,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mt import checkpoint as ckpt_io
 from mt import distributed
-from mt.batches import collate, epoch_batches, eval_batches, n_target_tokens
+from mt.batches import collate, epoch_batches, eval_batches
 from mt.config import to_container
 from mt.interrupt import Interrupted, StopRequest
-from mt.loss import LossModel
 from mt.progress import LimitBar, MetricsLog
-from mt.schedule import LRSchedule, teacher_forcing_ratio
 from mt.model import Seq2Seq, build_model, count_parameters
 from mt.precision import autocast, resolve_precision
+from mt.schedule import LRSchedule, teacher_forcing_ratio
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
+from mt.update import build_parts, optimizer_update
 
 log = logging.getLogger("mt.train")
 
@@ -48,14 +47,6 @@ VALID_BATCH_TOKENS = 8000
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def resolve_backward(choice: str, device: torch.device) -> str:
-    """train.decoder_backward / loss_backward: auto -> handwritten on CPU (measured to pay there,
-    BENCHMARKS.md), autograd elsewhere."""
-    if choice != "auto":
-        return choice
-    return "handwritten" if device.type == "cpu" else "autograd"
-
 
 @torch.no_grad()
 def valid_scores(model: Seq2Seq, corpus: IdCorpus, refs: List[str], tok: Tokenizer, device: torch.device,
@@ -147,68 +138,6 @@ def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any],
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradients stayed non-finite (or a model to be saved was): the run stops."""
-
-
-@dataclass
-class Parts:
-    """What one update touches (`build_parts`): the same for training and for mt-bench."""
-    ctx: distributed.Context
-    model: Seq2Seq
-    step_fn: nn.Module  # the LossModel, or its DistributedDataParallel wrapper
-    ddp: Optional[nn.parallel.DistributedDataParallel]
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    precision: str
-
-
-def build_parts(tcfg, ctx: distributed.Context, model: Seq2Seq, precision: str) -> Parts:
-    """The loss, optimizer, gradient scaler and DDP wrapper of a model on ctx.device."""
-    device = ctx.device
-    loss_model = LossModel(model, tcfg.label_smoothing, resolve_backward(tcfg.decoder_backward, device),
-                           resolve_backward(tcfg.loss_backward, device))
-    opt_class = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel for all parameters (4x less optimizer time than the per-op version on CPU)
-    optimizer = opt_class(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
-                          fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
-    ddp = None
-    if ctx.distributed:
-        ddp = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Parts(ctx, model, ddp if ddp is not None else loss_model, ddp, optimizer, scaler, precision)
-
-
-def optimizer_update(p: Parts, corpus: IdCorpus, group: List[np.ndarray], tcfg, lr: float, tf: float,
-                     stop: bool) -> Tuple[float, float, int, bool, bool]:
-    """One update from the micro-batches `group` (each rank takes its share): returns (loss sum,
-    NLL sum, target tokens, finite, stop requested on some rank), the same on every rank. A
-    non-finite loss or gradient norm skips the parameter update (fp16: GradScaler's own skip)."""
-    ctx, device = p.ctx, next(p.model.parameters()).device
-    update_tokens = sum(n_target_tokens(corpus, g) for g in group)
-    mine = group[ctx.rank::ctx.world]
-    sums = torch.zeros(2, device=device)
-    for k, idx in enumerate(mine):
-        b = collate(corpus, idx, device)
-        sync = p.ddp.no_sync() if p.ddp is not None and k < len(mine) - 1 else nullcontext()
-        with sync:
-            with autocast(device, p.precision):
-                out = p.step_fn(b.src, b.src_len, b.tgt_in, b.tgt_out, tf)
-            p.scaler.scale(out[0] * (ctx.world / update_tokens)).backward()
-        sums += out.detach().float()
-    for group_ in p.optimizer.param_groups:
-        group_["lr"] = lr
-    p.scaler.unscale_(p.optimizer)
-    params = [q for q in p.model.parameters() if q.grad is not None]
-    norm = (torch.nn.utils.clip_grad_norm_(params, tcfg.clip_norm) if tcfg.clip_norm > 0
-            else torch.nn.utils.get_total_norm([q.grad for q in params]))
-    # one all-reduce carries the losses, the stop requests and the norm's verdict: ranks agree
-    loss_sum, nll_sum, stops, bad_norm = distributed.all_reduce_sum(
-        ctx, sums.tolist() + [float(stop), float(not math.isfinite(float(norm)))])
-    finite = math.isfinite(loss_sum) and (p.scaler.is_enabled() or bad_norm == 0)
-    if finite or p.scaler.is_enabled():
-        p.scaler.step(p.optimizer)
-        p.scaler.update()
-    p.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, nll_sum, update_tokens, finite, stops > 0
 
 
 def start_over_or_resume(cfg, ctx, ckpts: "ckpt_io.RunCheckpoints", run_dir: Path, device):

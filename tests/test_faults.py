@@ -217,16 +217,16 @@ def test_a_resumed_run_with_a_bad_lr_keeps_its_finite_checkpoints(tiny_cfg, tmp_
 
 
 def test_a_few_non_finite_updates_are_skipped_and_counted(tiny_cfg, tmp_path, monkeypatch):
-    import mt.train
+    import mt.loss
 
-    real, calls = mt.train.LossModel.forward, {"n": 0}
+    real, calls = mt.loss.LossModel.forward, {"n": 0}
 
     def sometimes_nan(self, *args, **kw):
         calls["n"] += 1
         out = real(self, *args, **kw)
         return out * float("nan") if calls["n"] in (3, 4) else out
 
-    monkeypatch.setattr(mt.train.LossModel, "forward", sometimes_nan)
+    monkeypatch.setattr(mt.loss.LossModel, "forward", sometimes_nan)
     out = run(tiny_cfg(**{**FAST, "train.max_steps": 8}), tmp_path)["train"]
     assert out["step"] == 8 and out["skipped"] == 2 and out["nonfinite"] == 0
     assert all_finite(tmp_path / "checkpoints")
