@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mt import decoder_loop
 from mt.attention import build_attention
 from mt.cells import cell_step, make_rnn
+from mt.dropout import Dropout
 from mt.encoder import EncoderOut
 
 Linear = Callable[[Tensor], Tensor]  # x -> x W^T + b
@@ -80,8 +82,8 @@ class RecurrentDecoder(nn.Module):
         self.output_layer = nn.Linear(out_size, vocab_size)
         self.bridge_h = nn.Linear(enc_size, layers * hidden) if bridge else None
         self.bridge_c = nn.Linear(enc_size, layers * hidden) if bridge and cell == "lstm" else None
-        self.emb_dropout = nn.Dropout(emb_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(emb_dropout)
+        self.dropout = Dropout(dropout)
 
     @property
     def parallel(self) -> bool:
@@ -156,8 +158,6 @@ class RecurrentDecoder(nn.Module):
         and attention weights batch x T x src_len. tf_ratio < 1 is scheduled sampling: each
         step feeds the reference token with that probability, else the model's own argmax.
         backward: "handwritten" runs mt/decoder_loop.py where it covers the architecture."""
-        from mt import decoder_loop
-
         if tf_ratio < 1.0:
             return self._forward_sampled(tgt_in, state, enc, tf_ratio)
         if self.parallel:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mt.attention import AdditiveAttention, additive_scores, energy_block_rows, mix, multiplicative_scores
 from mt.cells import cell_backward, cell_step
+from mt.dropout import dropout_mask
 
 
 def covers(decoder) -> bool:
@@ -63,11 +64,6 @@ def teacher_forced(decoder, tgt_in: Tensor, state, enc):
             spec, gx, state.hidden[0], c0, state.feed, enc.keys, enc.outputs, enc.bias, rnn.weight_hh_l0,
             rnn.bias_hh_l0, w_feed, w_q, v, decoder.att_layer.weight, decoder.att_layer.bias, mask)
     return att.transpose(0, 1), weights.transpose(0, 1)
-
-
-def dropout_mask(shape, p: float, like: Tensor) -> Tensor:
-    """nn.Dropout's mask as a tensor to multiply by: 0, or 1 / keep probability."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(1 - p).div_(1 - p)
 
 
 # --- products in the compute dtype (bf16 under autocast); everything else in float32 -----------

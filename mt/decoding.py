@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mt.config import DecodeConfig, structured
 from mt.decoder import DecoderState, StepProducts
 from mt.encoder import EncoderOut
 from mt.model import Seq2Seq
@@ -85,11 +86,10 @@ class DecodingModel:
     """A model with decode-time products and options (see the module docstring)."""
 
     def __init__(self, model: Seq2Seq, decode=None, shortlist: Optional[Shortlist] = None):
+        """decode: a DecodeConfig (default: DecodeConfig's defaults: no speed option on)."""
         self.model = model.eval()
-        self.decode = decode
-        self.bf16 = bool(decode is not None and decode.bf16)
-        self.int8 = bool(decode is not None and decode.int8)
-        self.min_len = decode.min_len if decode is not None else 0
+        self.decode = decode = decode if decode is not None else structured(DecodeConfig())
+        self.bf16, self.int8, self.min_len = bool(decode.bf16), bool(decode.int8), decode.min_len
         self.shortlist = shortlist
         device = next(model.parameters()).device
         if self.int8 and device.type != "cpu":
@@ -100,6 +100,8 @@ class DecodingModel:
         self.encoder = self._encoder()
         self.products = self._products()
         out = model.decoder.output_layer
+        # With a shortlist, `encode` picks the batch's candidates and slices the output layer to
+        # them: the wrapper then decodes one batch at a time (the searches do), in index space.
         self.vocab_ids: Optional[Tensor] = None  # the batch's shortlist: indices -> vocabulary ids
         self.logits = self.linear(out.weight, out.bias)
 

@@ -119,3 +119,25 @@ def test_decoder_loop_loop_under_bf16_autocast_is_as_accurate_as_autograd(arch):
     cos = lambda x, y: float(torch.nn.functional.cosine_similarity(x.flatten().float(), y.flatten(), dim=0))  # noqa: E731
     for name in g_ref:
         assert cos(g[name], g_ref[name]) >= min(0.99, cos(g_autograd[name], g_ref[name]) - 0.02), name
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_cpu_dropout_keeps_1_minus_p_and_rescales(p):
+    """Eight elements per random word: still a keep rate of 1 - p (to 1/256), values 0 or
+    1 / keep rate, so the mask's mean is 1, as nn.Dropout's."""
+    from mt.dropout import Dropout, dropout_mask
+
+    torch.manual_seed(0)
+    mask = dropout_mask((20, 64, 512), p, torch.empty(0))
+    kept = mask > 0
+    assert abs(float(kept.float().mean()) - (1 - p)) < 0.01
+    assert torch.allclose(mask[kept], torch.full_like(mask[kept], float(mask[kept][0])))
+    assert abs(float(mask[kept][0]) - 1 / (1 - p)) < 0.02 and abs(float(mask.mean()) - 1) < 0.02
+    layer = Dropout(p).train()  # the module: the same mask, and the gradient is masked alike
+    x = torch.randn(64, 300, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    dropped = y == 0
+    assert abs(float(dropped.float().mean()) - p) < 0.02
+    assert torch.equal(x.grad == 0, dropped) and torch.allclose(y[~dropped], x[~dropped] * x.grad[~dropped])
+    assert torch.equal(layer.eval()(x), x)

@@ -252,3 +252,25 @@ def test_rows_that_share_a_source_read_one_copy_of_it_and_step_as_if_copied(arch
         torch.testing.assert_close(a2, b2)
         scattered = model.reorder_encoder(grouped, torch.tensor([4, 0, 7]))  # rows of no common pattern
         assert scattered.group == 1 and torch.equal(scattered.keys, enc.keys[torch.tensor([1, 0, 2])])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_encoder_under_cpu_bf16_autocast_multiplies_in_bf16_and_trains_the_float32_weights(cell):
+    """Autocast leaves torch's packed RNN in float32 on the CPU; the encoder casts it to bf16
+    itself: outputs within bf16 rounding of float32, gradients on the float32 parameters."""
+    torch.manual_seed(0)
+    enc = build_model(model_cfg(cell=cell, enc_layers=2, emb_size=32, enc_hidden=32), V, V).encoder
+    src, src_len, _ = batch(b=5, s=9)
+    full, _, _ = enc(src, src_len)
+    full.sum().backward()
+    ref = {n: p.grad.clone() for n, p in enc.rnn.named_parameters()}
+    enc.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, summary, _ = enc(src, src_len)
+    assert low.dtype == torch.bfloat16 and summary.dtype == torch.bfloat16
+    assert (low.float() - full).abs().max() <= 0.05 * full.abs().max()
+    low.float().sum().backward()
+    for name, p in enc.rnn.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))
