@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mt.rundir import BEST, LAST, OLD, TEMP_SUFFIX, step_name, step_of
+
 CHECKPOINT_FORMAT = 1
 # changing these does not change the architecture: a run may resume with new values
 NOT_ARCHITECTURE = {"dropout", "emb_dropout"}
 REQUIRED_KEYS = ("model", "step", "config", "model_config", "tokenizer")  # in every file save() writes
-TEMP_SUFFIX = ".tmp"  # save() writes .<name>.<random>.tmp next to its target
 
 
 class CheckpointError(ValueError):
@@ -218,11 +219,7 @@ def average(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 
-# --- a run's checkpoints/ folder ----------------------------------------------------------------
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.split("_", 1)[1])
-
+# --- a run's checkpoints/ folder (its names: mt.rundir) -------------------------------------------
 
 class RunCheckpoints:
     """checkpoints/ of a run: last.pt (where training is), best.pt (weights that validated best)
@@ -231,11 +228,11 @@ class RunCheckpoints:
 
     def __init__(self, folder: Path, keep: int):
         self.dir, self.keep = Path(folder), keep
-        self.last, self.best = self.dir / "last.pt", self.dir / "best.pt"
+        self.last, self.best = self.dir / LAST, self.dir / BEST
 
     def step_files(self) -> List[Path]:
         """step_<N>.pt, oldest first, by step number (not by name); other names are not ours."""
-        return sorted((p for p in self.dir.glob("step_*.pt") if p.stem[5:].isdigit()), key=_step_of)
+        return sorted((p for p in self.dir.glob("step_*.pt") if step_of(p) is not None), key=step_of)
 
     def remove_temp_files(self) -> List[Path]:
         """Temporary files of saves that a kill interrupted."""
@@ -248,7 +245,7 @@ class RunCheckpoints:
         """Start over without losing anything: checkpoints/ becomes old/checkpoints-<time>/."""
         if not self.dir.exists() or not any(self.dir.iterdir()):
             return None
-        stem = self.dir.parent / "old" / f"{self.dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = self.dir.parent / OLD / f"{self.dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         dest, n = stem, 1
         while dest.exists():  # twice within a second
             n += 1
@@ -282,7 +279,7 @@ class RunCheckpoints:
         if candidates or self.best.exists():
             why = failed[0] if failed else f"{self.dir} holds best.pt but no last.pt or step_*.pt"
             raise CheckpointError(f"{why}; no loadable checkpoint to resume from: force=true starts "
-                                  f"the run over (moving {self.dir} to {self.dir.parent / 'old'}/), "
+                                  f"the run over (moving {self.dir} to {self.dir.parent / OLD}/), "
                                   "or choose another name=")
         return None, None, []
 
@@ -292,7 +289,7 @@ class RunCheckpoints:
         if best:
             save({k: v for k, v in state.items() if k not in ("optimizer", "schedule", "rng", "scaler")}, self.best)
         if step_file and self.keep > 0:
-            save(state, self.dir / f"step_{state['step']:08d}.pt")
+            save(state, self.dir / step_name(state["step"]))
         save(state, self.last)
         if step_file and self.keep > 0:
             for old in self.step_files()[:-self.keep]:

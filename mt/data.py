@@ -1,7 +1,7 @@
 """The prepare stage: parallel text from any source -> normalised, filtered Arrow splits.
 
-    stats = prepare(cfg.data, run_dir / "data")     # skipped when its stamp matches the config
-    ds = load_split(run_dir / "data", "train")      # datasets.Dataset with columns src, tgt
+    stats = prepare(cfg.data, run.data)     # skipped when its stamp (stats.json) matches the config
+    ds = load_split(run.data, "train")      # datasets.Dataset with columns src, tgt; run: mt.rundir.RunDir
 
 Every source ends up as a `datasets.Dataset` with two string columns, `src` and `tgt`, and from
 there one code path normalises, filters and saves it (Arrow on disk, memory-mapped when read back,
@@ -34,12 +34,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from mt import rundir
 from mt.config import DataConfig, to_container
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "corpora"
-STATS_FILE = "stats.json"
 FORMAT = 2  # bump when the prepared layout changes: older outputs are then rebuilt
 _CHUNK = 10_000  # rows per batch in map/filter passes
 _PARALLEL_ROWS = 100_000  # splits at least this long are cleaned by several processes
@@ -403,12 +403,7 @@ def fingerprint(cfg: DataConfig) -> str:
             if f.is_file():
                 st = f.stat()
                 parts.append([f.name, st.st_size, int(st.st_mtime)])
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def is_done(out_dir: Path, stamp: str) -> bool:
-    stats_file = out_dir / STATS_FILE
-    return stats_file.is_file() and json.loads(stats_file.read_text()).get("fingerprint") == stamp
+    return rundir.fingerprint(parts)
 
 
 def _empty_split(cfg: DataConfig, split: str, source_split: str) -> DataError:
@@ -436,14 +431,14 @@ def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, An
     show_progress(datasets)
     out_dir = Path(out_dir)
     stamp, splits = fingerprint(cfg), source_splits(cfg)
-    if not force and is_done(out_dir, stamp):
-        stats = json.loads((out_dir / STATS_FILE).read_text())
+    stamp_file = out_dir / rundir.DATA_STAMP  # stats.json: the counts are the stamp's record
+    if not force and rundir.is_done(stamp_file, stamp):
         log.info("prepare: up to date (%s), skipped", out_dir)
-        return stats
+        return rundir.read_stamp(stamp_file)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    stats: Dict[str, Any] = {"fingerprint": stamp, "splits": {}}
+    all_stats: Dict[str, Dict[str, int]] = {}  # split -> its filter counts
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".cache-") as cache_dir:
         for split, source_split in splits.items():
             ds = load_source(cfg, source_split, cache_dir)
@@ -453,13 +448,11 @@ def prepare(cfg: DataConfig, out_dir: Path, force: bool = False) -> Dict[str, An
             if split_stats["kept"] == 0:
                 raise _all_filtered(cfg, split, source_split, split_stats)
             ds.save_to_disk(str(out_dir / split))
-            stats["splits"][split] = split_stats
+            all_stats[split] = split_stats
             removed = ", ".join(f"{r} {split_stats[r]}" for r in REASONS[1:] if split_stats[r])
             log.info("prepare: %s: %d pairs kept of %d%s", split, split_stats["kept"],
                      split_stats["read"], f" (removed: {removed})" if removed else "")
-    # written last: its presence means the stage finished
-    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    return rundir.write_stamp(stamp_file, stamp, splits=all_stats)  # last: the stage is done
 
 
 def show_progress(datasets) -> None:

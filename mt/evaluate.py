@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.utils import print_single_results
 
-from mt import version_string
+from mt import rundir, version_string
+from mt.rundir import RunDir
 
 log = logging.getLogger(__name__)
 METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
@@ -74,19 +75,26 @@ def summary(results: List[Dict]) -> str:
 
 # --- pipeline stage -----------------------------------------------------------------------------
 
+TEST_METRICS = ("bleu", "chrf", "ter")
+
+
 def score_test(cfg, run_dir: Path) -> List[Dict]:
-    """Score run_dir/test.hyp against the untouched test references; write test.scores.json."""
+    """Score run_dir/test.hyp against the untouched test references into test.scores.json;
+    skipped when its stamp names these hypotheses and this prepared data."""
     from mt.data import load_split
 
-    out = run_dir / "test.scores.json"
-    if not cfg.force and out.exists() and out.stat().st_mtime_ns >= (run_dir / "test.hyp").stat().st_mtime_ns:
-        results = json.loads(out.read_text())
+    run = RunDir(run_dir)
+    data = rundir.read_stamp(run.data_stamp) or {}  # the references are the prepared test split's
+    stamp = rundir.fingerprint([rundir.file_digest(run.hyp), data.get("fingerprint"), TEST_METRICS])
+    if not cfg.force and run.scores.exists() and rundir.is_done(run.scores_stamp, stamp):
+        results = json.loads(run.scores.read_text())
         log.info("score: up to date, skipped; test: %s", summary(results))
         return results
-    hyps = read_text(run_dir / "test.hyp")
-    refs = load_split(run_dir / "data", "test")["tgt_raw"]
-    results = score_lines(hyps, [refs], ("bleu", "chrf", "ter"))
-    out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    hyps = read_text(run.hyp)
+    refs = load_split(run.data, "test")["tgt_raw"]
+    results = score_lines(hyps, [refs], TEST_METRICS)
+    rundir.write_text_atomic(run.scores, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    rundir.write_stamp(run.scores_stamp, stamp)
     log.info("score: test: %s", summary(results))
     return results
 
@@ -163,9 +171,9 @@ def _translate_split(args: argparse.Namespace):
     from mt.data import load_split
     from mt.translate import Translator
 
-    run = Path(args.run)
-    translator = Translator.from_path(run, device=args.device, beam_size=args.beam)
-    ds = load_split(run / "data", args.split)
+    run = RunDir(args.run)
+    translator = Translator.from_path(run.root, device=args.device, beam_size=args.beam)
+    ds = load_split(run.data, args.split)
     if "tgt_raw" not in ds.column_names:
         raise ValueError(f"split {args.split!r} was filtered when prepared: score a valid or test split")
     hyps = list(translator.translate_lines(ds["src"]))

@@ -6,7 +6,7 @@
     mt-train -m recipe=multi30k_en_de train.lr=1e-3,3e-4  # Hydra multirun: one run dir per job
 
 Everything a run makes lives in one directory, runs/<name> (multirun: runs/<name>/multirun/<job number>,
-whose .hydra/overrides.yaml names the job's values):
+whose .hydra/overrides.yaml names the job's values); mt/rundir.py names every file:
 
     config.yaml                 the resolved config of the latest invocation
     mt.log                      the log of every invocation
@@ -17,7 +17,7 @@ whose .hydra/overrides.yaml names the job's values):
     test.scores.json            BLEU / chrF / TER with sacreBLEU signatures    <- score
 
 Each stage is a plain function of (cfg, run_dir); it skips its work when its outputs exist and
-were made from the same configuration (a fingerprint is stored with them), so a re-run resumes
+were made from the same inputs (a stamp holds their fingerprint: mt.rundir), so a re-run resumes
 where the last one stopped. `force=true` redoes the selected stages. Prepared data and tokenizers
 live in a cache keyed by those fingerprints (`cache_dir`, default runs/.cache) and the run links
 to them: runs and multirun jobs with the same data and tokenizer settings prepare them once.
@@ -25,7 +25,6 @@ to them: runs and multirun jobs with the same data and tokenizer settings prepar
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -36,8 +35,10 @@ from typing import Any, Callable, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
+from mt import rundir
 from mt.config import CONF_DIR, ConfigError, register_configs, validate
 from mt.interrupt import EXIT_DIVERGED, EXIT_ERROR, EXIT_IO, Interrupted, exit_code, on_sigterm
+from mt.rundir import RunDir
 
 log = logging.getLogger("mt")
 
@@ -53,7 +54,7 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
     handlers = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run_dir) / "mt.log", encoding="utf-8"))
+        handlers.append(logging.FileHandler(RunDir(run_dir).log, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
         h._mt = True  # type: ignore[attr-defined]
@@ -72,26 +73,30 @@ def stage_prepare(cfg: DictConfig, run_dir: Path) -> Any:
     entry = _cache_entry(cfg, "data", fingerprint(cfg.data))
     with _locked(entry):
         stats = prepare(cfg.data, entry, force=cfg.force)
-    _link(run_dir / "data", entry)
+    _link(RunDir(run_dir).data, entry)
     return stats
+
+
+def _not_done(path: Path, stage: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{path} is missing: run the {stage} stage first (stages=[{stage},...])")
 
 
 def _require(path: Path, stage: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (stages=[{stage},...])")
+        raise _not_done(path, stage)
 
 
 def stage_tokenizer(cfg: DictConfig, run_dir: Path) -> Any:
-    from mt.data import STATS_FILE
     from mt.tokenizer import fingerprint, train_tokenizer
 
-    stats = run_dir / "data" / STATS_FILE
-    _require(stats, "prepare")
-    data_fingerprint = json.loads(stats.read_text())["fingerprint"]
-    entry = _cache_entry(cfg, "tokenizer", fingerprint(cfg.tokenizer, data_fingerprint))
+    run = RunDir(run_dir)
+    data = rundir.read_stamp(run.data_stamp)
+    if data is None:
+        raise _not_done(run.data_stamp, "prepare")
+    entry = _cache_entry(cfg, "tokenizer", fingerprint(cfg.tokenizer, data["fingerprint"]))
     with _locked(entry):
-        tok = train_tokenizer(cfg.tokenizer, run_dir / "data", entry, force=cfg.force)
-    _link(run_dir / "tokenizer", entry)
+        tok = train_tokenizer(cfg.tokenizer, run.data, entry, force=cfg.force)
+    _link(run.tokenizer, entry)
     return tok
 
 
@@ -137,21 +142,21 @@ def _link(link: Path, entry: Path) -> None:
 def stage_train(cfg: DictConfig, run_dir: Path) -> Any:
     from mt.train import train
 
-    _require(run_dir / "tokenizer" / "stamp.json", "tokenizer")
+    _require(RunDir(run_dir).tokenizer_stamp, "tokenizer")
     return train(cfg, run_dir)
 
 
 def stage_translate(cfg: DictConfig, run_dir: Path) -> Any:
     from mt.translate import translate_test
 
-    _require(run_dir / "checkpoints" / "best.pt", "train")
+    _require(RunDir(run_dir).best, "train")
     return translate_test(cfg, run_dir)
 
 
 def stage_score(cfg: DictConfig, run_dir: Path) -> Any:
     from mt.evaluate import score_test
 
-    _require(run_dir / "test.hyp", "translate")
+    _require(RunDir(run_dir).hyp, "translate")
     return score_test(cfg, run_dir)
 
 
@@ -175,7 +180,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     setup_logging(run_dir if ctx.main else None, logging.INFO if ctx.main else logging.WARNING)
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.write_text_atomic(RunDir(run_dir).config, OmegaConf.to_yaml(cfg, resolve=True))
         log.info("run %s: stages %s", run_dir, ",".join(cfg.stages))
     results = {}
     for stage, fn in STAGE_FNS.items():

@@ -23,12 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from mt import version_string  # noqa: E402
+from mt.rundir import RunDir  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> Dict[str, List[dict]]:
     """metrics.jsonl by kind; a step logged twice (a resumed run redid it) keeps its last entry."""
     rows: Dict[str, Dict[int, dict]] = {}
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: train the run first")
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -52,9 +53,10 @@ def plot_curves(run_dir: Path) -> Path:
     ax_bleu.legend()
     for ax in (ax_loss, ax_bleu):
         ax.grid(alpha=0.3)
-    fig.suptitle(Path(run_dir).name)
+    run = RunDir(run_dir)
+    fig.suptitle(run.root.name)
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
+    out = run.curves
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -103,19 +105,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--text", help="plot the attention for this source sentence")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    run = Path(args.run)
+    run = RunDir(args.run)
     try:
-        print(plot_curves(run))
+        print(plot_curves(run.root))
         if args.sentence or args.text:
             from mt.translate import Translator
 
-            translator = Translator.from_path(run, device=args.device)
+            translator = Translator.from_path(run.root, device=args.device)
             text, name = args.text, "text"
             if args.sentence:
                 from mt.data import load_split
 
-                text, name = load_split(run / "data", args.split)[args.sentence - 1]["src"], f"{args.split}_{args.sentence}"
-            print(plot_attention(translator, text, run / f"attention_{name}.png"))
+                text, name = load_split(run.data, args.split)[args.sentence - 1]["src"], f"{args.split}_{args.sentence}"
+            print(plot_attention(translator, text, run.attention(name)))
     except (FileNotFoundError, ValueError, IndexError) as e:
         print(f"mt-plot: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from mt.rundir import RunDir
+
 log = logging.getLogger("mt.train")
 
 
@@ -31,7 +33,8 @@ class MetricsLog:
     step is there once."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None):
-        self.enabled, self.path, self.writer = enabled, run_dir / "metrics.jsonl", None
+        run = RunDir(run_dir)
+        self.enabled, self.path, self.writer = enabled, run.metrics, None
         if enabled and resume_step is not None and self.path.exists():
             rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
             kept = [r for r, step in zip(rows, map(_row_step, rows)) if step is not None and step <= resume_step]
@@ -43,7 +46,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 purge = None if resume_step is None else resume_step + 1
-                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+                self.writer = SummaryWriter(str(run.tb), purge_step=purge)
             except ImportError:  # tensorboard is a dependency; keep training if it is broken
                 log.warning("tensorboard unavailable: no curves in tb/")
 

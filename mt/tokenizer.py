@@ -1,7 +1,7 @@
 """The tokenizer stage: SentencePiece models, and the corpus encoded once into id arrays.
 
-    tok = train_tokenizer(cfg.tokenizer, data_dir, run_dir / "tokenizer")  # skipped when done
-    corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")             # memory-mapped ids
+    tok = train_tokenizer(cfg.tokenizer, run.data, run.tokenizer)  # skipped when its stamp matches
+    corpus = IdCorpus(run.ids, "train")                             # memory-mapped ids; run: mt.rundir.RunDir
 
 The special ids are defined here, once, for the whole package. Models are trained with
 SentencePiece's `identity` normalisation because `mt.data.normalize` already ran, and with byte
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import re
 import shutil
@@ -22,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mt import rundir
 from mt.config import TokenizerConfig, to_container
 from mt.data import DataError, available_cores
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"pad_piece": "<pad>", "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
-STAMP_FILE = "stamp.json"
 
 
 class TokenizerError(ValueError):
@@ -177,23 +176,20 @@ def encode_corpus(tok: Tokenizer, ds, ids_dir: Path, split: str) -> int:
 # --- the stage ----------------------------------------------------------------------------------
 
 def fingerprint(cfg: TokenizerConfig, data_fingerprint: str) -> str:
-    blob = json.dumps([to_container(cfg), data_fingerprint], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def is_done(out_dir: Path, stamp: str) -> bool:
-    f = Path(out_dir) / STAMP_FILE
-    return f.is_file() and json.loads(f.read_text()).get("fingerprint") == stamp
+    """The settings and the prepared data they are trained on (prepare's own fingerprint)."""
+    return rundir.fingerprint([to_container(cfg), data_fingerprint])
 
 
 def train_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: bool = False) -> Tokenizer:
     """Train the SentencePiece model(s) on the prepared train split and encode every split."""
-    from mt.data import STATS_FILE, load_split
+    from mt.data import load_split
 
-    data_stats = json.loads((Path(data_dir) / STATS_FILE).read_text())
+    data_stats = rundir.read_stamp(Path(data_dir) / rundir.DATA_STAMP)
+    if data_stats is None:
+        raise FileNotFoundError(f"{data_dir} holds no finished prepare stage: run the prepare stage first")
     stamp = fingerprint(cfg, data_stats["fingerprint"])
     out_dir = Path(out_dir)
-    if not force and is_done(out_dir, stamp):
+    if not force and rundir.is_done(out_dir / rundir.TOKENIZER_STAMP, stamp):
         tok = Tokenizer.from_dir(out_dir)
         log.info("tokenizer: up to date (%s), skipped; vocabulary %d", out_dir, tok.src_vocab_size)
         return tok
@@ -218,11 +214,11 @@ def train_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
              "joint" if cfg.joint else "separate", vocab)
     counts = {}
     for split in data_stats["splits"]:
-        counts[split] = encode_corpus(tok, load_split(data_dir, split), out_dir / "ids", split)
-        lengths = np.load(out_dir / "ids" / f"{split}.tgt.len.npy")
+        counts[split] = encode_corpus(tok, load_split(data_dir, split), out_dir / rundir.IDS, split)
+        lengths = np.load(out_dir / rundir.IDS / f"{split}.tgt.len.npy")
         log.info("tokenizer: %s: %d pairs encoded, %d target pieces", split, counts[split],
                  int(lengths.sum()))
-    stamp_data = {"fingerprint": stamp, "src_vocab_size": tok.src_vocab_size,
-                  "tgt_vocab_size": tok.tgt_vocab_size, "joint": tok.joint, "pairs": counts}
-    (out_dir / STAMP_FILE).write_text(json.dumps(stamp_data, indent=2) + "\n")
+    rundir.write_stamp(out_dir / rundir.TOKENIZER_STAMP, stamp,  # last: its presence means done
+                       src_vocab_size=tok.src_vocab_size, tgt_vocab_size=tok.tgt_vocab_size,
+                       joint=tok.joint, pairs=counts)
     return tok

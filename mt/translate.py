@@ -16,7 +16,6 @@ anyway, with a warning. stdout is UTF-8 and SIGPIPE is the default, so `| head` 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -165,27 +164,26 @@ class Translator:
 # --- pipeline stage -----------------------------------------------------------------------------
 
 def translate_test(cfg, run_dir: Path) -> Path:
-    """Translate the prepared test split with cfg.decode into run_dir/test.hyp (skipped when it
-    was made by the same checkpoint and decoding settings)."""
-    from mt.config import to_container
+    """Translate the prepared test split with cfg.decode into run_dir/test.hyp (skipped when its
+    stamp names the same best.pt content, decoding settings and prepared data)."""
+    from mt import rundir
     from mt.data import load_split
 
-    best = run_dir / "checkpoints" / "best.pt"
-    out, stamp_file = run_dir / "test.hyp", run_dir / "test.hyp.stamp"
-    st = best.stat()
-    stamp = hashlib.sha256(json.dumps([to_container(cfg.decode), st.st_size, st.st_mtime_ns],
-                                      sort_keys=True).encode()).hexdigest()[:16]
-    if not cfg.force and out.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+    run = rundir.RunDir(run_dir)
+    out = run.hyp
+    data = rundir.read_stamp(run.data_stamp) or {}  # the sources are the prepared test split's
+    stamp = rundir.fingerprint([to_container(cfg.decode), rundir.file_digest(run.best), data.get("fingerprint")])
+    if not cfg.force and out.exists() and rundir.is_done(run.hyp_stamp, stamp):
         log.info("translate: %s is up to date, skipped", out)
         return out
-    translator = Translator.from_path(best, cfg.decode, cfg.device)
-    src = load_split(run_dir / "data", "test")["src"]
+    translator = Translator.from_path(run.best, cfg.decode, cfg.device)
+    src = load_split(run.data, "test")["src"]
     tmp = out.with_suffix(".hyp.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for line in translator.translate_lines(src):
             f.write(line + "\n")
     os.replace(tmp, out)
-    stamp_file.write_text(stamp + "\n")
+    rundir.write_stamp(run.hyp_stamp, stamp)
     log.info("translate: %d lines -> %s (%s, beam %d)", len(src), out, cfg.decode.method, cfg.decode.beam_size)
     return out
 
