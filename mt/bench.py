@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from mt import version_string
 from mt.precision import matmul_peak
+from mt.rundir import RunDir
 
 DEFAULT_DIR = Path("runs") / ".bench"
 
@@ -152,12 +153,13 @@ class TrainingStep:
         if unknown:
             raise ValueError(f"--ablate: unknown {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
         self.cfg = bench_config(args, [ABLATIONS[a] for a in ablate])
-        self.tok = Tokenizer.from_dir(run_dir / "tokenizer")
+        run = RunDir(run_dir)
+        self.tok = Tokenizer.from_dir(run.tokenizer)
         self.model = build_model(self.cfg.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size, seed=1).train()
         ctx = distributed.Context(device=torch.device("cpu"))
         self.precision = resolve_precision(self.cfg.train.precision, ctx.device)
         self.parts = build_parts(self.cfg.train, ctx, self.model, self.precision)
-        self.corpus = IdCorpus(run_dir / "tokenizer" / "ids", "train")
+        self.corpus = IdCorpus(run.ids, "train")
         self.batches = epoch_batches(self.corpus, self.cfg.train, seed=1, epoch=0)
         self.schedule = LRSchedule(self.cfg.train)
 
@@ -257,10 +259,11 @@ def untrained_checkpoint(args, run_dir: Path) -> Path:
     from mt.model import build_model
     from mt.tokenizer import Tokenizer
 
-    path = run_dir / "checkpoints" / f"untrained_{args.model}.pt"
+    run = RunDir(run_dir)
+    path = run.checkpoints / f"untrained_{args.model}.pt"
     if path.exists():
         return path
-    cfg, tok = bench_config(args), Tokenizer.from_dir(run_dir / "tokenizer")
+    cfg, tok = bench_config(args), Tokenizer.from_dir(run.tokenizer)
     model = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
     ckpt_io.save({"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
                   "config": to_container(cfg), "model_config": to_container(cfg.model),
@@ -279,7 +282,7 @@ def phase_decode(args, run_dir: Path, beam: int, batch: int) -> Dict[str, float]
         device="cpu", method="beam" if beam > 1 else "greedy", beam_size=beam, batch_size=batch, alpha=1.0,
         int8=args.int8, bf16=args.bf16, shortlist=args.shortlist, **fixed)
     n = args.sentences if batch > 1 else max(1, args.sentences // 5)
-    src = list(load_split(run_dir / "data", "test")["src"][:n])
+    src = list(load_split(RunDir(run_dir).data, "test")["src"][:n])
     translator.translate_batch(src[:min(len(src), batch)])  # warm-up
     times = []
     for _ in range(args.repeat):  # the median of several runs, as the peers' harness reports

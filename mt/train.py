@@ -5,13 +5,12 @@
     torchrun --nproc_per_node=2 -m mt.pipeline recipe=multi30k_en_de   # DDP: gloo on CPU, nccl on GPU
     train(cfg, run_dir)                                        # what the pipeline and tests call
 
-Writes run_dir/checkpoints/{last,best}.pt, metrics.jsonl (one JSON object per log line), tb/
-(TensorBoard) and log lines to run_dir/mt.log. Kill it at any moment and run it again: it goes
-on from the last checkpoint, with the same batches, RNG states and optimizer state.
+Writes a run's (mt/rundir.py) checkpoints/{last,best,step_N}.pt, metrics.jsonl (one JSON object
+per log line), tb/ (TensorBoard) and log lines to mt.log. Kill it at any moment and run it
+again: it goes on from the last checkpoint, with the same batches, RNG states and optimizer state.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from mt.batches import collate, epoch_batches, eval_batches
 from mt.config import to_container
 from mt.interrupt import Interrupted, StopRequest
 from mt.progress import LimitBar, MetricsLog
+from mt.rundir import RunDir, fingerprint, is_done, write_stamp
 from mt.model import Seq2Seq, build_model, count_parameters
 from mt.precision import autocast, resolve_precision
 from mt.schedule import LRSchedule, teacher_forcing_ratio
@@ -104,14 +104,14 @@ def stop_reason(cfg, progress: Dict[str, Any]) -> Optional[Stop]:
     return None
 
 
-def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any], validate_fn) -> None:
+def average_last(tcfg, model: Seq2Seq, run: RunDir, progress: Dict[str, Any], validate_fn) -> None:
     """When training has stopped: average the weights of the last `train.average_last`
     validations (checkpoints/step_*.pt), validate the average, and make it best.pt when it beats
-    the best single checkpoint. checkpoints/averaged.json records that it was done (and how it
-    scored), so a rerun does not repeat it."""
-    marker = ckpt_dir / "averaged.json"
-    paths = ckpt_io.RunCheckpoints(ckpt_dir, tcfg.average_last).step_files()[-tcfg.average_last:]
-    if marker.exists() or len(paths) < 2:
+    the best single checkpoint. Its stamp, checkpoints/averaged.json, records which steps were
+    averaged (and how the average scored): a rerun over the same steps does not repeat it."""
+    paths = ckpt_io.RunCheckpoints(run.checkpoints, tcfg.average_last).step_files()[-tcfg.average_last:]
+    fp = fingerprint({"average_last": [p.name for p in paths]})
+    if len(paths) < 2 or is_done(run.averaged, fp):
         return
     states = []
     for p in paths:  # full states: kept off the device
@@ -131,9 +131,9 @@ def average_last(tcfg, model: Seq2Seq, ckpt_dir: Path, progress: Dict[str, Any],
     if better:
         best = {k: v for k, v in states[-1].items() if k not in ("optimizer", "schedule", "rng")}
         best.update(model=model.state_dict(), best=result[metric], best_step=progress["step"], averaged_steps=steps)
-        ckpt_io.save(best, ckpt_dir / "best.pt")
-    marker.write_text(json.dumps({"steps": steps, "better": better,
-                                  **{k: v for k, v in result.items() if k != "bleu_signature"}}) + "\n")
+        ckpt_io.save(best, run.best)
+    write_stamp(run.averaged, fp, steps=steps, better=better,
+                **{k: v for k, v in result.items() if k != "bleu_signature"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,9 +147,9 @@ def start_over_or_resume(cfg, ctx, ckpts: "ckpt_io.RunCheckpoints", run_dir: Pat
         if cfg.force:
             moved = ckpts.move_aside()
             if moved is not None:
-                for extra in ("metrics.jsonl", "tb"):
+                for extra in (RunDir.metrics, RunDir.tb):  # relative to a run's root
                     if (run_dir / extra).exists():
-                        os.replace(run_dir / extra, moved / extra)
+                        os.replace(run_dir / extra, moved / extra.name)
                 log.info("train: force=true: the previous checkpoints, metrics and curves moved to %s", moved)
         for stale in ckpts.remove_temp_files():
             log.info("train: removed %s (a save that was interrupted)", stale)
@@ -167,7 +167,7 @@ class Trainer:
     and its bookkeeping), `validate_and_save`, `interrupt` and `finish`."""
 
     def __init__(self, cfg, run_dir: Path):
-        self.cfg, self.tcfg, self.run_dir = cfg, cfg.train, Path(run_dir)
+        self.cfg, self.tcfg, self.run = cfg, cfg.train, RunDir(run_dir)
         tcfg = self.tcfg
         self.ctx = ctx = distributed.init(cfg.device)
         device = ctx.device
@@ -176,17 +176,16 @@ class Trainer:
         if tcfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.ckpts = ckpt_io.RunCheckpoints(self.run_dir / "checkpoints", keep=max(tcfg.keep_checkpoints, tcfg.average_last))
-        state, resumed_from = start_over_or_resume(cfg, ctx, self.ckpts, self.run_dir, device)
+        self.ckpts = ckpt_io.RunCheckpoints(self.run.checkpoints, keep=max(tcfg.keep_checkpoints, tcfg.average_last))
+        state, resumed_from = start_over_or_resume(cfg, ctx, self.ckpts, self.run.root, device)
         # decided once per run: a resumed run keeps the precision it started with (exact resume)
         precision = (state.get("precision") if state and tcfg.precision == "auto" else None) \
             or resolve_precision(tcfg.precision, device)
         self.precision = distributed.broadcast_object(ctx, precision)  # measured per rank: rank 0's decides
-        self.tok = tok = Tokenizer.from_dir(self.run_dir / "tokenizer")
-        ids = self.run_dir / "tokenizer" / "ids"
-        self.train_corpus, self.valid_corpus = IdCorpus(ids, "train"), IdCorpus(ids, "valid")
+        self.tok = tok = Tokenizer.from_dir(self.run.tokenizer)
+        self.train_corpus, self.valid_corpus = IdCorpus(self.run.ids, "train"), IdCorpus(self.run.ids, "valid")
         from mt.data import load_split
-        self.valid_refs = list(load_split(self.run_dir / "data", "valid")["tgt_raw"])
+        self.valid_refs = list(load_split(self.run.data, "valid")["tgt_raw"])
         self.model = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=cfg.seed).to(device)
         self.parts = build_parts(tcfg, ctx, self.model, self.precision)
         self.schedule = LRSchedule(tcfg)
@@ -208,7 +207,7 @@ class Trainer:
                      device, ctx.world, self.precision)
         del state  # its tensors now live in the model and optimizer
         self.reason = stop_reason(tcfg, self.progress)
-        self.metrics = MetricsLog(self.run_dir, ctx.main, resume_step=self.saved_step or 0)
+        self.metrics = MetricsLog(self.run.root, ctx.main, resume_step=self.saved_step or 0)
         self.per_update = ctx.world * tcfg.accum_steps
         self.latest_valid_loss = 0.0  # of the latest validation: a model that failed it is never saved
         self.window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}  # since the last log line
@@ -385,7 +384,7 @@ class Trainer:
         if progress["validated_at"] != progress["step"]:
             self.validate_and_save()
         if self.tcfg.average_last > 1 and self.ctx.main:
-            average_last(self.tcfg, self.model, self.ckpts.dir, progress, self.scores)
+            average_last(self.tcfg, self.model, self.run, progress, self.scores)
         self.metrics.close()
         log.info("train: stopped at step %d (%s); best valid %s %.2f at step %s; %.1f min, %d target tokens%s",
                  progress["step"], self.reason.why if self.reason else "", self.tcfg.valid_metric, progress["best"],
@@ -413,7 +412,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     if t.reason:
         log.info("train: done (%s), skipped", t.reason.why)
         if t.tcfg.average_last > 1 and t.ctx.main:
-            average_last(t.tcfg, t.model, t.ckpts.dir, t.progress, t.scores)
+            average_last(t.tcfg, t.model, t.run, t.progress, t.scores)
         return t.progress
     per_update, valid_every = t.per_update, t.tcfg.valid_every
     batches = t.epoch_batches()

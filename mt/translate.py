@@ -34,6 +34,7 @@ from mt.config import DecodeConfig, ModelConfig, structured, to_container
 from mt.data import normalize
 from mt.decoding import DecodingModel
 from mt.model import build_model
+from mt.rundir import BEST, RunDir
 from mt.search import Hypothesis
 from mt.shortlist import Shortlist
 from mt.tokenizer import EOS_ID, Tokenizer
@@ -58,16 +59,17 @@ def decode_config(saved: Dict[str, Any], decode: Any = None, overrides: Optional
 
 
 def find_checkpoint(path: Path) -> Path:
+    """A checkpoint file as given; a run directory's best.pt; a folder's best.pt."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
+        return RunDir(path).best if RunDir(path).checkpoints.is_dir() else path / BEST
     return path
 
 
 def load_shortlist(ckpt_path: Path, size: int, tok: Tokenizer) -> Shortlist:
     """The shortlist of `size` from the training data of the run a checkpoint belongs to."""
-    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-    ids = run / "tokenizer" / "ids" if run else None
+    run = RunDir.of_checkpoint(ckpt_path)
+    ids = run.ids if run else None
     if ids is None or not (ids / "train.src.bin").is_file():
         raise ValueError("--shortlist needs the model's run directory (it reads the training data's ids)")
     return Shortlist.build(ids, size, tok.src_vocab_size, tok.tgt_vocab_size)
