@@ -267,8 +267,7 @@ def untrained_checkpoint(args, run_dir: Path) -> Path:
     model = build_model(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, seed=1)
     ckpt_io.save({"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
                   "config": to_container(cfg), "model_config": to_container(cfg.model),
-                  "tokenizer": {"src": tok.src_proto, "tgt": tok.tgt_proto, "fingerprint": tok.fingerprint(),
-                                "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size}}, path)
+                  "tokenizer": tok.checkpoint_record()}, path)
     return path
 
 

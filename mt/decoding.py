@@ -27,6 +27,7 @@ import copy
 import logging
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
@@ -145,8 +146,7 @@ class DecodingModel:
         enc = self.model.encode(src, src_len, self.encoder)
         if self.bf16:  # attention runs in float32: cast what it reads once per batch
             dtype = self.model.decoder.rnn.weight_hh_l0.dtype
-            enc = EncoderOut(enc.outputs.to(dtype), enc.keys.to(dtype), enc.bias.to(dtype), enc.summary,
-                             enc.summary_cell)
+            enc = replace(enc, outputs=enc.outputs.to(dtype), keys=enc.keys.to(dtype), bias=enc.bias.to(dtype))
         if self.shortlist is not None:
             self.vocab_ids = self.shortlist.for_batch(src)
             out = self.model.decoder.output_layer

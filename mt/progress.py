@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from mt.rundir import RunDir
+from mt.rundir import RunDir, write_text_atomic
 
 log = logging.getLogger("mt.train")
 
@@ -39,9 +38,7 @@ class MetricsLog:
             rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
             kept = [r for r, step in zip(rows, map(_row_step, rows)) if step is not None and step <= resume_step]
             if kept != rows:
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(kept), encoding="utf-8")
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, "".join(kept))
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter

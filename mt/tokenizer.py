@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -71,6 +71,12 @@ class Tokenizer:
         h = hashlib.sha256(self.src_proto)
         h.update(self.tgt_proto)
         return h.hexdigest()[:16]
+
+    def checkpoint_record(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the tokenizer: its models (Translator.from_path rebuilds it
+        from them), fingerprint and vocabulary sizes (checked against the weights on load)."""
+        return {"src": self.src_proto, "tgt": self.tgt_proto, "fingerprint": self.fingerprint(),
+                "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size}
 
     def encode_src(self, lines: Sequence[str]) -> List[List[int]]:
         return self.src.encode(list(lines), out_type=int)

@@ -195,8 +195,7 @@ class Trainer:
             "skipped": 0, "nonfinite": 0,  # skipped updates: in all, in a row now
             "validated_at": -1}  # the step of the latest validation
         self.model_cfg = to_container(cfg.model)
-        self.tokenizer_info = {"src": tok.src_proto, "tgt": tok.tgt_proto, "fingerprint": tok.fingerprint(),
-                               "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size}
+        self.tokenizer_info = tok.checkpoint_record()
         torch.manual_seed(cfg.seed * 1000 + ctx.rank)  # dropout differs between ranks
         self.saved_step: Optional[int] = None  # the step last.pt holds
         if state is not None:
@@ -207,11 +206,18 @@ class Trainer:
                      device, ctx.world, self.precision)
         del state  # its tensors now live in the model and optimizer
         self.reason = stop_reason(tcfg, self.progress)
-        self.metrics = MetricsLog(self.run.root, ctx.main, resume_step=self.saved_step or 0)
         self.per_update = ctx.world * tcfg.accum_steps
         self.latest_valid_loss = 0.0  # of the latest validation: a model that failed it is never saved
         self.window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": 0.0}  # since the last log line
-        self.bar: Optional[LimitBar] = None  # train() makes it when the loop starts
+        self.metrics: Optional[MetricsLog] = None  # made by start(): a finished run writes none
+        self.bar: Optional[LimitBar] = None
+
+    def start(self, updates_per_epoch: int) -> None:
+        """Before the first update: the metrics log (rows after the resumed step dropped) and the bar."""
+        self.metrics = MetricsLog(self.run.root, self.ctx.main, resume_step=self.saved_step or 0)
+        # the bar shows the share done of whichever limit ends the run first, hence a true ETA
+        self.bar = LimitBar(self.ctx, self.tcfg, self.progress, updates_per_epoch)
+        self.model.train()
 
     def _restore(self, state: Dict[str, Any], path: Path) -> None:
         ckpt_io.check_compatible(state, path, self.model_cfg, self.tok.fingerprint())
@@ -416,9 +422,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         return t.progress
     per_update, valid_every = t.per_update, t.tcfg.valid_every
     batches = t.epoch_batches()
-    # the bar shows the share done of whichever limit ends the run first, hence a true ETA
-    t.bar = LimitBar(t.ctx, t.tcfg, t.progress, len(batches) // per_update)
-    t.model.train()
+    t.start(len(batches) // per_update)
     redirect = nullcontext() if t.bar.disable else logging_redirect_tqdm([logging.getLogger("mt")])
     with redirect, StopRequest() as stop:
         while not t.reason:
