@@ -203,6 +203,63 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_model(path: Path, device: str | torch.device = "cpu"):
+    """(model, checkpoint) from a checkpoint file: the model built from the checkpoint's own
+    model_config and vocabulary sizes, its weights loaded through load_weights' checks, in eval mode."""
+    from mt.config import ModelConfig, structured
+    from mt.model import build_model
+
+    ckpt = load(path, map_location=device)
+    t = ckpt["tokenizer"]
+    try:
+        model_cfg = structured(ModelConfig(**ckpt["model_config"]))
+    except TypeError as e:  # a key this version does not know
+        raise CheckpointError(f"{path}: its model_config does not fit this version of mt ({e})") from None
+    model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"]).to(device)
+    load_weights(model, ckpt, path)  # refuses, in one line, a checkpoint at odds with itself
+    return model.eval(), ckpt
+
+
+def check_same_vocabulary(ckpt: Dict[str, Any], path: Path, first: Dict[str, Any], first_path: Path) -> None:
+    """Refuse, in one line, a checkpoint whose source or target SentencePiece model is not the
+    first one's: an ensemble or an average speaks one vocabulary."""
+    for side, name in (("tgt", "target"), ("src", "source")):
+        if ckpt["tokenizer"].get(side) != first["tokenizer"].get(side):
+            raise CheckpointError(f"{path}: its {name} vocabulary differs from {first_path}'s "
+                                  "(models to combine must share one tokenizer)")
+
+
+def check_same_architecture(ckpt: Dict[str, Any], path: Path, first: Dict[str, Any], first_path: Path) -> None:
+    """Refuse, in one line, a checkpoint whose architecture is not the first one's (weights of
+    different shapes or meanings cannot be averaged)."""
+    a, b = first["model_config"], ckpt["model_config"]
+    diffs = [f"model.{k}={b.get(k)!r} ({first_path}: {a.get(k)!r})"
+             for k in sorted(set(a) | set(b)) if k not in NOT_ARCHITECTURE and a.get(k) != b.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path} has another architecture: {', '.join(diffs)}")
+
+
+def average_checkpoints(paths: List[Path]) -> Dict[str, Any]:
+    """One weights-only checkpoint (what best.pt holds) whose model is the mean of the given
+    checkpoints' weights; the other entries are the last one's. Every file is loaded through
+    load_model's checks, and all must share the first one's vocabulary and architecture."""
+    if len(paths) < 1:
+        raise ValueError("average: no checkpoints given")
+    first, states = None, []
+    for path in paths:
+        _, ckpt = load_model(path)
+        if first is None:
+            first = ckpt
+        check_same_vocabulary(ckpt, path, first, paths[0])
+        check_same_architecture(ckpt, path, first, paths[0])
+        states.append(ckpt)
+    out = {k: v for k, v in states[-1].items() if k not in ("optimizer", "schedule", "rng", "scaler")}
+    out["model"] = average([s["model"] for s in states])
+    out["averaged_steps"] = [s["step"] for s in states]
+    out["averaged_from"] = [str(p) for p in paths]
+    return out
+
+
 def average(states: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """The element-wise mean of model state_dicts (floating tensors, accumulated in float64);
     other tensors are taken from the last state."""

@@ -90,7 +90,7 @@ class DecodingModel:
         """decode: a DecodeConfig (default: DecodeConfig's defaults: no speed option on)."""
         self.model = model.eval()
         self.decode = decode = decode if decode is not None else structured(DecodeConfig())
-        self.bf16, self.int8, self.min_len = bool(decode.bf16), bool(decode.int8), decode.min_len
+        self.bf16, self.int8 = bool(decode.bf16), bool(decode.int8)
         self.shortlist = shortlist
         device = next(model.parameters()).device
         if self.int8 and device.type != "cpu":
@@ -148,11 +148,16 @@ class DecodingModel:
             dtype = self.model.decoder.rnn.weight_hh_l0.dtype
             enc = replace(enc, outputs=enc.outputs.to(dtype), keys=enc.keys.to(dtype), bias=enc.bias.to(dtype))
         if self.shortlist is not None:
-            self.vocab_ids = self.shortlist.for_batch(src)
-            out = self.model.decoder.output_layer
-            bias = out.bias.detach()[self.vocab_ids] if out.bias is not None else None
-            self.logits = self.linear(out.weight.detach()[self.vocab_ids], bias)
+            self.restrict(self.shortlist.for_batch(src))
         return enc
+
+    def restrict(self, vocab_ids: Tensor) -> None:
+        """Score only `vocab_ids` (a shortlist, sorted ids) from now on: tokens and logits are
+        indices into it. mt/ensemble.py gives every member the same one."""
+        self.vocab_ids = vocab_ids
+        out = self.model.decoder.output_layer
+        bias = out.bias.detach()[vocab_ids] if out.bias is not None else None
+        self.logits = self.linear(out.weight.detach()[vocab_ids], bias)
 
     def init_state(self, enc: EncoderOut) -> DecoderState:
         return self.model.decoder.init_state(enc)
@@ -174,21 +179,29 @@ class DecodingModel:
 
     # --- search -------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def search(self, src: Tensor, src_len: Tensor) -> List[List[Hypothesis]]:
         """decode.method over one batch: per sentence its hypotheses, best first, in vocabulary ids."""
-        d = self.decode
-        with torch.autocast(src.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            if d.method == "greedy":
-                hyps = greedy_search(self, src, src_len, d.max_len_a, d.max_len_b, self.min_len)
-            elif d.method == "beam":
-                hyps = beam_search(self, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best,
-                                   self.min_len)
-            else:
-                hyps = sample_search(self, src, src_len, d.max_len_a, d.max_len_b, self.min_len, temperature=d.temperature,
-                                     top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
-        if self.vocab_ids is not None:  # shortlist indices -> vocabulary ids
-            for sentence in hyps:
-                for h in sentence:
-                    h.tokens = self.vocab_ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if h.tokens else []
-        return hyps
+        return search(self, self.decode, src, src_len)
+
+
+@torch.no_grad()
+def search(model, d, src: Tensor, src_len: Tensor) -> List[List[Hypothesis]]:
+    """The search `d` (a DecodeConfig) names, over one batch of a DecodingModel or an Ensemble
+    (a Decodable whose `vocab_ids`, after encode, map shortlist indices back to vocabulary ids)."""
+    with torch.autocast(src.device.type, dtype=torch.bfloat16) if d.bf16 else nullcontext():
+        if d.method == "greedy":
+            hyps = greedy_search(model, src, src_len, d.max_len_a, d.max_len_b, d.min_len)
+        elif d.method == "beam":
+            hyps = beam_search(model, src, src_len, d.beam_size, d.alpha, d.max_len_a, d.max_len_b, d.n_best, d.min_len)
+        else:
+            hyps = sample_search(model, src, src_len, d.max_len_a, d.max_len_b, d.min_len, temperature=d.temperature,
+                                 top_k=d.top_k, top_p=d.top_p, num_samples=d.n_best, seed=d.seed)
+    if model.vocab_ids is not None:  # shortlist indices -> vocabulary ids
+        for sentence in hyps:
+            for h in sentence:
+                h.tokens = model.vocab_ids[torch.tensor(h.tokens, dtype=torch.long)].tolist() if h.tokens else []
+    return hyps

@@ -4,6 +4,7 @@
     mt-translate -m runs/x < src.en | mt-evaluate ref.de -m bleu chrf ter -f text
     mt-evaluate ref.de -i hyp.de -b                    # the score alone
     mt-evaluate --run runs/multi30k_en_de --split test # translate a prepared split, then score
+    mt-evaluate --run runs/a --run runs/b --split valid   # the same with an ensemble of two runs
 
 References are positional (several files = several references), hypotheses come from `-i` or
 stdin, and the scores are sacreBLEU's own objects, so the numbers and signatures are the ones
@@ -131,9 +132,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-lc", "--lowercase", action="store_true", help="lowercased BLEU")
     p.add_argument("--short", action="store_true", help="short signatures (text format)")
     g = p.add_argument_group("translate and score a prepared split of a run")
-    g.add_argument("--run", help="run directory (runs/<name>)")
+    g.add_argument("--run", action="append",
+                   help="run directory (runs/<name>); several --run: an ensemble of their best.pt (or of "
+                        "checkpoint files), on the split prepared for the first")
     g.add_argument("--split", default="test")
     g.add_argument("--beam", type=int, default=None, help="beam size (default: the run's config)")
+    g.add_argument("--alpha", type=float, default=None, help="length penalty (default: the run's config)")
     g.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -171,8 +175,9 @@ def _translate_split(args: argparse.Namespace):
     from mt.data import load_split
     from mt.translate import Translator
 
-    run = RunDir(args.run)
-    translator = Translator.from_path(run.root, device=args.device, beam_size=args.beam)
+    run = RunDir(args.run[0])
+    translator = Translator.from_path([run.root] + [Path(p) for p in args.run[1:]], device=args.device,
+                                      beam_size=args.beam, alpha=args.alpha)
     ds = load_split(run.data, args.split)
     if "tgt_raw" not in ds.column_names:
         raise ValueError(f"split {args.split!r} was filtered when prepared: score a valid or test split")

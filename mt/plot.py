@@ -3,6 +3,7 @@
     mt-plot runs/multi30k_en_de                      # curves.png: train loss, valid loss, BLEU
     mt-plot runs/multi30k_en_de --sentence 12        # + attention_test_12.png
     mt-plot runs/multi30k_en_de --text "A dog runs through the grass ."
+    mt-plot runs/a runs/b runs/c -o compare.png      # valid BLEU against training minutes, one figure
 
 The attention matrix is the model's own: the sentence is translated with the run's decoding
 settings, then the translation is fed back with teacher forcing to collect the weights of every
@@ -62,6 +63,25 @@ def plot_curves(run_dir: Path) -> Path:
     return out
 
 
+def plot_compare(run_dirs: List[Path], out: Path) -> Path:
+    """Valid BLEU (greedy) against training minutes (summed over resumes, validation included:
+    what train.max_time counts) for several runs on one figure."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run_dir in run_dirs:
+        valid = read_metrics(run_dir).get("valid", [])
+        if valid and "minutes" not in valid[-1]:
+            raise ValueError(f"{RunDir(run_dir).metrics}: its validations carry no training minutes "
+                             "(written by an older mt): retrain, or plot it alone")
+        ax.plot([r["minutes"] for r in valid], [r["bleu"] for r in valid], "o-", ms=3, label=Path(run_dir).name)
+    ax.set(xlabel="training minutes", ylabel="valid BLEU (greedy, sacreBLEU)", title="valid BLEU by wall clock")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
 @torch.no_grad()
 def attention_matrix(translator, text: str):
     """(source pieces, target pieces, weights: target x source) for one sentence."""
@@ -99,13 +119,23 @@ def plot_attention(translator, text: str, out: Path) -> Path:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="mt-plot", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=version_string(p.prog))
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", nargs="+", help="run directory; several: one figure of valid BLEU by minutes (-o)")
+    p.add_argument("-o", "--output", default="compare.png", help="with several runs: the figure to write")
     p.add_argument("--sentence", type=int, help="plot the attention of this line (1-based) of --split")
     p.add_argument("--split", default="test")
     p.add_argument("--text", help="plot the attention for this source sentence")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    run = RunDir(args.run)
+    if len(args.run) > 1:
+        if args.sentence or args.text:
+            p.error("--sentence and --text take one run")
+        try:
+            print(plot_compare([Path(r) for r in args.run], Path(args.output)))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"mt-plot: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    run = RunDir(args.run[0])
     try:
         print(plot_curves(run.root))
         if args.sentence or args.text:

@@ -299,7 +299,8 @@ class Trainer:
             progress["bad_validations"] += 1
         self.schedule.observe(better)
         progress["elapsed"] += time.perf_counter() - t0  # max_time bounds the wall clock
-        self.metrics.write("valid", progress["step"], {k: v for k, v in result.items() if k != "bleu_signature"})
+        self.metrics.write("valid", progress["step"], {**{k: v for k, v in result.items() if k != "bleu_signature"},
+                                                       "minutes": round(progress["elapsed"] / 60, 3)})
         log.info("valid step %d: loss %.3f ppl %.2f BLEU %.2f chrF %.2f%s  (greedy; %s)", progress["step"],
                  result["loss"], result["ppl"], result["bleu"], result["chrf"], " *" if better else "",
                  result["bleu_signature"])

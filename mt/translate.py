@@ -6,6 +6,7 @@
     mt-translate -m runs/x --n-best 5 --format jsonl                   # scores and alternatives
     mt-translate -m runs/x --sample --top-p 0.9 --seed 7               # sampling
     mt-translate -m runs/x                                             # on a terminal: a prompt
+    mt-translate -m runs/a -m runs/b -m runs/c < test.en               # an ensemble (mt/ensemble.py)
 
 Input is read in batches of --buffer-size lines as it arrives (output for a batch appears
 before the rest is read); when a live writer pauses (a FIFO, `tail -f`, a chat loop), the lines
@@ -30,10 +31,10 @@ import torch
 from mt import checkpoint as ckpt_io
 from mt import version_string
 from mt.batches import pad
-from mt.config import DecodeConfig, ModelConfig, structured, to_container
+from mt.config import DecodeConfig, structured, to_container
 from mt.data import normalize
 from mt.decoding import DecodingModel
-from mt.model import build_model
+from mt.ensemble import Ensemble
 from mt.rundir import BEST, RunDir
 from mt.search import Hypothesis
 from mt.shortlist import Shortlist
@@ -76,39 +77,47 @@ def load_shortlist(ckpt_path: Path, size: int, tok: Tokenizer) -> Shortlist:
 
 
 class Translator:
-    """A decoding model (mt/decoding.py) and its tokenizer: lines in, translations out.
+    """A decoding model (mt/decoding.py) or an ensemble of them (mt/ensemble.py) and its
+    tokenizer: lines in, translations out.
     Build it with `Translator.from_path`."""
 
     def __init__(self, decoding: DecodingModel, tok: Tokenizer, max_train_len: int = 0):
         self.decoding, self.tok, self.max_train_len = decoding, tok, max_train_len
         self.decode = decoding.decode
-        self.device = next(decoding.model.parameters()).device
+        self.device = decoding.device
 
     @classmethod
-    def from_path(cls, path: Path, decode: Any = None, device: str = "auto", **overrides: Any) -> "Translator":
-        """Load a checkpoint (a run directory means its checkpoints/best.pt) and decode with
-        `decode` (default: the checkpoint's decode settings) and `overrides` (decode.* keys)."""
+    def from_path(cls, path, decode: Any = None, device: str = "auto", **overrides: Any) -> "Translator":
+        """Load a checkpoint (a run directory means its checkpoints/best.pt), or a list of them
+        (an ensemble: mt/ensemble.py; they must share one tokenizer), and decode with `decode`
+        (default: the first checkpoint's decode settings) and `overrides` (decode.* keys)."""
         from mt.distributed import resolve_device
 
         dev = resolve_device(device)
-        ckpt_path = find_checkpoint(path)
-        ckpt = ckpt_io.load(ckpt_path, map_location=dev)
-        t = ckpt["tokenizer"]
-        try:
-            model_cfg = structured(ModelConfig(**ckpt["model_config"]))
-        except TypeError as e:  # a key this version does not know
-            raise ckpt_io.CheckpointError(f"{ckpt_path}: its model_config does not fit this version of mt ({e})") from None
-        model = build_model(model_cfg, t["src_vocab"], t["tgt_vocab"])
-        ckpt_io.load_weights(model, ckpt, ckpt_path)  # refuses, in one line, a checkpoint at odds with itself
+        paths = [find_checkpoint(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
+        if not paths:
+            raise ValueError("no model given")
+        models, first = [], None
+        for ckpt_path in paths:
+            model, ckpt = ckpt_io.load_model(ckpt_path, dev)
+            if first is None:
+                first = ckpt
+            ckpt_io.check_same_vocabulary(ckpt, ckpt_path, first, paths[0])
+            models.append(model)
+            log.info("loaded %s (step %d)", ckpt_path, ckpt["step"])
+        t = first["tokenizer"]
         tok = Tokenizer(t["src"], None if t["tgt"] == t["src"] else t["tgt"])  # after: its bytes were checked
-        decode = decode_config(ckpt["config"]["decode"], decode, overrides)
-        shortlist = load_shortlist(ckpt_path, decode.shortlist, tok) if decode.shortlist else None
-        log.info("loaded %s (step %d), %s search", ckpt_path, ckpt["step"], decode.method)
+        decode = decode_config(first["config"]["decode"], decode, overrides)
+        shortlist = load_shortlist(paths[0], decode.shortlist, tok) if decode.shortlist else None
         on = [name for name, value in (("int8", decode.int8), ("bf16", decode.bf16),
                                        (f"shortlist {decode.shortlist}", decode.shortlist)) if value]
-        if on:
-            log.info("decoding with %s", ", ".join(on))
-        return cls(DecodingModel(model.to(dev), decode, shortlist), tok, ckpt["config"]["train"]["max_len"])
+        log.info("%s search%s%s", decode.method, f", an ensemble of {len(models)} models" if len(models) > 1 else "",
+                 f", with {', '.join(on)}" if on else "")
+        if len(models) == 1:
+            decoding: Any = DecodingModel(models[0], decode, shortlist)
+        else:
+            decoding = Ensemble([DecodingModel(m, decode) for m in models], shortlist)
+        return cls(decoding, tok, first["config"]["train"]["max_len"])
 
     @torch.no_grad()
     def translate_batch(self, lines: Sequence[str], first_line: int = 1) -> List[Result]:
@@ -196,7 +205,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mt-translate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=version_string(p.prog))
-    p.add_argument("-m", "--model", required=True, help="run directory or checkpoint file")
+    p.add_argument("-m", "--model", required=True, action="append",
+                   help="run directory or checkpoint file; several -m: an ensemble (one tokenizer)")
     p.add_argument("-i", "--input", help="input file (default: stdin)")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
     s = p.add_mutually_exclusive_group()
@@ -266,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise ValueError("--n-best > 1 needs --format tsv or jsonl (text keeps one line per input)")
         if (args.n_best or 1) > (args.beam or args.n_best or 1) and not args.sample:
             raise ValueError("--n-best cannot exceed --beam")
-        translator = Translator.from_path(Path(args.model), device=args.device, **overrides)
+        translator = Translator.from_path([Path(m) for m in args.model], device=args.device, **overrides)
         name = args.input or "stdin"
         inp = open(args.input, "rb", buffering=0) if args.input else sys.stdin.buffer
         out = open(args.output, "w", encoding="utf-8") if args.output else \

@@ -139,6 +139,11 @@ def test_plot_writes_pngs(trained):
     for name in ("curves.png", "attention_test_3.png"):
         data = (trained / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    out = Path(trained).parent / "compare.png"
+    r = sh([BIN / "mt-plot", trained, trained, "-o", out])  # several runs: one figure by minutes
+    assert r.returncode == 0 and out.stat().st_size > 1000, r.stderr.decode()
+    assert all("minutes" in json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()
+               if '"valid"' in line)
 
 
 def test_a_line_written_into_an_open_pipe_is_translated_before_the_pipe_closes(trained):
@@ -221,9 +226,27 @@ def test_decode_speed_keys_are_honoured_by_the_pipeline_and_the_command_line(tra
     monkeypatch.undo()
 
     r = sh([BIN / "mt-translate", "-m", trained, "--int8", "--shortlist", "50"], "A dog runs.\n")
-    assert r.returncode == 0 and "decoding with int8, shortlist 50" in r.stderr.decode()
+    assert r.returncode == 0 and "beam search, with int8, shortlist 50" in r.stderr.decode()
     r = sh([BIN / "mt-translate", "-m", trained, "--no-int8"], "A dog runs.\n")
-    assert r.returncode == 0 and "decoding with" not in r.stderr.decode()
+    assert r.returncode == 0 and "with int8" not in r.stderr.decode()
+
+
+def test_average_of_a_runs_last_checkpoints_and_an_ensemble_through_evaluate(trained, tmp_path):
+    """mt-average --run --last N on a real run decodes like any checkpoint; mt-evaluate --run
+    with the same run twice (an ensemble of copies) scores exactly as the run alone."""
+    steps = sorted((trained / "checkpoints").glob("step_*.pt"))
+    out = tmp_path / "avg.pt"
+    r = sh([BIN / "mt-average", "--run", trained, "--last", str(len(steps)), "-o", out])
+    assert r.returncode == 0 and f"averaged {len(steps)} checkpoints" in r.stderr.decode(), r.stderr.decode()
+    r = sh([BIN / "mt-translate", "-m", out, "-q"], "A dog runs.\n\n")
+    assert r.returncode == 0 and len(r.stdout.decode().split("\n")) == 3
+    r = sh([BIN / "mt-average", "--run", trained, "--last", str(len(steps) + 1), "-o", out])
+    assert r.returncode == 1 and "fewer than --last" in r.stderr.decode()
+    args = ["--split", "valid", "--beam", "2", "--device", "cpu", "-b"]
+    one = sh([BIN / "mt-evaluate", "--run", trained, *args])
+    two = sh([BIN / "mt-evaluate", "--run", trained, "--run", steps[-1].parent / "best.pt", *args])
+    assert one.returncode == 0 and two.returncode == 0, two.stderr.decode()
+    assert "an ensemble of 2 models" in two.stderr.decode() and one.stdout == two.stdout
 
 
 def test_the_readmes_python_example_runs(trained, tmp_path, monkeypatch, capsys):

@@ -155,7 +155,7 @@ def test_int8_covers_every_product_leaves_the_model_alone_and_shortlists_its_log
 
 # --- a checkpoint at odds with itself is refused by every loader, in one line ---------------------
 
-def write_tiny_checkpoint(corpus, path, tamper=None):
+def write_tiny_checkpoint(corpus, path, tamper=None, vocab_size=120, seed=0):
     """An untrained tiny model with a real (tiny) SentencePiece model, saved the way training
     saves best.pt: what Translator.from_path reads, without a training run. `tamper(ckpt)` edits
     the dict first."""
@@ -172,11 +172,11 @@ def write_tiny_checkpoint(corpus, path, tamper=None):
     cfg = compose_config(tiny_overrides(corpus))
     proto = io.BytesIO()
     lines = [s for lang in ("en", "de") for s in (corpus / f"train.{lang}").read_text(encoding="utf-8").splitlines()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=120,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
                                    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, **SPECIAL_PIECES,
                                    hard_vocab_limit=False, num_threads=1, minloglevel=2)
     vocab = spm.SentencePieceProcessor(model_proto=proto.getvalue()).get_piece_size()
-    model = build_model(cfg.model, vocab, vocab, seed=0)
+    model = build_model(cfg.model, vocab, vocab, seed=seed)
     ckpt = {"format": ckpt_io.CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0, "config": to_container(cfg),
             "model_config": to_container(cfg.model),
             "tokenizer": {"src": proto.getvalue(), "tgt": proto.getvalue(), "fingerprint": "test",
