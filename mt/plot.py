@@ -4,6 +4,7 @@
     mt-plot runs/multi30k_en_de --sentence 12        # + attention_test_12.png
     mt-plot runs/multi30k_en_de --text "A dog runs through the grass ."
     mt-plot runs/a runs/b runs/c -o compare.png      # valid BLEU against training minutes, one figure
+    mt-plot runs/a joeynmt.tsv fairseq.tsv -o c.png  # with other toolkits' curves: minutes<TAB>bleu
 
 The attention matrix is the model's own: the sentence is translated with the run's decoding
 settings, then the translation is fed back with teacher forcing to collect the weights of every
@@ -63,16 +64,40 @@ def plot_curves(run_dir: Path) -> Path:
     return out
 
 
-def plot_compare(run_dirs: List[Path], out: Path) -> Path:
+def read_curve(path: Path) -> List[tuple]:
+    """[(minutes, valid BLEU)] from a tab-separated file with the header `minutes<TAB>valid_bleu`:
+    another toolkit's curve (recipes/bench/peers/parse_quality.py writes them from their logs)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].split("\t") != ["minutes", "valid_bleu"]:
+        raise ValueError(f"{path}: not a curve file (its first line must be 'minutes<TAB>valid_bleu')")
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            minutes, bleu = (float(x) for x in line.split("\t"))
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected two numbers separated by a tab, got {line!r}") from None
+        rows.append((minutes, bleu))
+    return rows
+
+
+def run_curve(run_dir: Path) -> List[tuple]:
+    valid = read_metrics(run_dir).get("valid", [])
+    if valid and "minutes" not in valid[-1]:
+        raise ValueError(f"{RunDir(run_dir).metrics}: its validations carry no training minutes "
+                         "(written by an older mt): retrain, or plot it alone")
+    return [(r["minutes"], r["bleu"]) for r in valid]
+
+
+def plot_compare(sources: List[Path], out: Path) -> Path:
     """Valid BLEU (greedy) against training minutes (summed over resumes, validation included:
-    what train.max_time counts) for several runs on one figure."""
+    what train.max_time counts) on one figure: run directories, and curve files (read_curve) of
+    other toolkits, labelled by file name."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir in run_dirs:
-        valid = read_metrics(run_dir).get("valid", [])
-        if valid and "minutes" not in valid[-1]:
-            raise ValueError(f"{RunDir(run_dir).metrics}: its validations carry no training minutes "
-                             "(written by an older mt): retrain, or plot it alone")
-        ax.plot([r["minutes"] for r in valid], [r["bleu"] for r in valid], "o-", ms=3, label=Path(run_dir).name)
+    for src in sources:
+        src = Path(src)
+        rows = run_curve(src) if src.is_dir() else read_curve(src)
+        label = src.name if src.is_dir() else src.stem
+        ax.plot([m for m, _ in rows], [b for _, b in rows], "o-", ms=3, label=label)
     ax.set(xlabel="training minutes", ylabel="valid BLEU (greedy, sacreBLEU)", title="valid BLEU by wall clock")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -119,7 +144,8 @@ def plot_attention(translator, text: str, out: Path) -> Path:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="mt-plot", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=version_string(p.prog))
-    p.add_argument("run", nargs="+", help="run directory; several: one figure of valid BLEU by minutes (-o)")
+    p.add_argument("run", nargs="+", help="run directory; several (or curve files minutes<TAB>valid_bleu of other toolkits): "
+                   "one figure of valid BLEU by minutes (-o)")
     p.add_argument("-o", "--output", default="compare.png", help="with several runs: the figure to write")
     p.add_argument("--sentence", type=int, help="plot the attention of this line (1-based) of --split")
     p.add_argument("--split", default="test")
@@ -131,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             p.error("--sentence and --text take one run")
         try:
             print(plot_compare([Path(r) for r in args.run], Path(args.output)))
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             print(f"mt-plot: error: {e}", file=sys.stderr)
             sys.exit(1)
         return

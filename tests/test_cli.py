@@ -146,6 +146,20 @@ def test_plot_writes_pngs(trained):
                if '"valid"' in line)
 
 
+def test_plot_draws_other_toolkits_curves_next_to_a_run(trained, tmp_path):
+    peer = tmp_path / "joeynmt.tsv"
+    peer.write_text("minutes\tvalid_bleu\n5.0\t10.5\n10.0\t20.25\n")
+    out = tmp_path / "side_by_side.png"
+    r = sh([BIN / "mt-plot", trained, peer, "-o", out])
+    assert r.returncode == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.stderr.decode()
+    peer.write_text("minutes\tvalid_bleu\n5.0\t10.5\n10.0 20.25\n")  # a space, not a tab
+    r = sh([BIN / "mt-plot", trained, peer, "-o", out])
+    assert r.returncode == 1 and f"{peer}:3: expected two numbers" in r.stderr.decode()
+    peer.write_text("step,bleu\n")
+    r = sh([BIN / "mt-plot", trained, peer, "-o", out])
+    assert r.returncode == 1 and "not a curve file" in r.stderr.decode()
+
+
 def test_a_line_written_into_an_open_pipe_is_translated_before_the_pipe_closes(trained):
     import select
     import time

@@ -4,12 +4,12 @@
 # minutes): ours, Joey NMT, ours, OpenNMT-py, ours, ours-LSTM, fairseq, ours-LSTM. Each "ours"
 # is training fp32 and bf16, decoding float32, and decoding with the inference options in $FAST
 # (default --int8 --shortlist 1000; --bf16 --shortlist 1000 pays only on CPUs with AMX). Needs the peer
-# harness of ../shared/bench/peers (its setup_envs.sh run once). Prints RESULT lines of the peers
+# harness of recipes/bench/peers (its setup_envs.sh run once). Prints RESULT lines of the peers
 # and our figures; `python recipes/bench/summarize.py OUT_DIR` turns them into ratio tables.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-PEERS_DIR="${PEERS_DIR:-$ROOT/../shared/bench/peers}"
+PEERS_DIR="${PEERS_DIR:-$HERE/peers}"
 OUT="${1:-$ROOT/runs/bench-$(date +%Y%m%d-%H%M%S)}"
 MT_BENCH="${MT_BENCH:-$ROOT/.venv/bin/mt-bench}"
 STEPS="${STEPS:-120}"
