@@ -10,7 +10,8 @@
 #   ours     mt-train recipe=multi30k_en_de train.max_time=BUDGET (its own clock: training and
 #            validation; the run then translates test with the recipe's beam 5, alpha 1.0)
 #   joeynmt  joeynmt_quality.yaml.in (Joey NMT's IWSLT14 RNN recipe); SIGINT at BUDGET (Joey saves
-#            its weights on it); `joeynmt test` with best.ckpt (lowest valid loss, Joey's choice)
+#            its weights on it); `joeynmt test` with best.ckpt (lowest valid loss, Joey's choice),
+#            or the weights saved on SIGINT when it never validated
 #   onmt     onmt_quality.yaml.in (OpenNMT-py's quickstart: its default 2-layer LSTM); SIGINT at
 #            BUDGET; the last saved checkpoint (saved every 250 steps) translates
 #   fairseq  the lstm_wiseman_iwslt_de_en architecture with the optimiser flags of fairseq's LSTM
@@ -64,7 +65,7 @@ q_ours() {
 }
 
 q_joeynmt() {
-  local V="$PEERS_ROOT/joeynmt/bin" W="$OUT/joeynmt" J
+  local V="$PEERS_ROOT/joeynmt/bin" W="$OUT/joeynmt" J ckpt
   mkdir -p "$W"
   # Joey NMT 2.3.0 with current torch / sentencepiece: ReduceLROnPlateau lost `verbose=`
   # (torch 2.7), SentencePieceProcessor lost SetVocabulary (sentencepiece 0.2)
@@ -73,7 +74,11 @@ q_joeynmt() {
   "$V/pip" install -q 'sentencepiece==0.1.99' > "$W/pip.log" 2>&1
   sed -e "s#@DATA@#$DATA#g; s#@WORK@#$W#g" "$HERE/joeynmt_quality.yaml.in" > "$W/train.yaml"
   run "$W/train.log" -- timeout -s INT "${BUDGET_MIN}m" "$V/python" -m joeynmt train "$W/train.yaml" --skip-test
-  run "$W/test.log" -- "$V/python" -m joeynmt test "$W/train.yaml" -o "$W/hyp"
+  # best.ckpt (lowest valid loss) exists once Joey has validated; else the weights it saved on SIGINT.
+  # Joey's test mode translates every split it is given: the test yaml names test only.
+  ckpt="$W/model/best.ckpt"; [ -e "$ckpt" ] || ckpt="$W/model/latest.ckpt"
+  sed -e "s#load_model: .*#load_model: \"$ckpt\"#; /^    dev: /d" "$W/train.yaml" > "$W/test.yaml"
+  run "$W/test.log" -- "$V/python" -m joeynmt test "$W/test.yaml" -o "$W/hyp"
   [ -f "$W/hyp.test" ] || { say "QUALITY peer=joeynmt status=FAILED test"; return; }
   cp "$W/hyp.test" "$W/test.hyp"
   score joeynmt "$W/test.hyp" "$W/train.log"
