@@ -26,7 +26,8 @@
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../../.." && pwd)"
-OUT="$(mkdir -p "${1:-$ROOT/runs/quality-$(date +%Y%m%d-%H%M%S)}" && cd "${1:-$ROOT/runs/quality-$(date +%Y%m%d-%H%M%S)}" && pwd)"
+OUT="${1:-$ROOT/runs/quality-$(date +%Y%m%d-%H%M%S)}"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 BUDGET_MIN="${BUDGET_MIN:-30}"
 PEERS="${PEERS:-ours joeynmt onmt fairseq}"
 PEERS_ROOT="${PEERS_ROOT:-$HOME/nmt-peers}"
