@@ -53,7 +53,7 @@ score() {  # peer hyp train_log
    'stages=[prepare,tokenizer]' > tokenizer.log 2>&1) || { echo "[quality] tokenizer failed: $OUT/ours/tokenizer.log"; exit 1; }
 [ -f "$DATA/spm.model" ] || "$MT_BIN/python" "$HERE/prep_quality.py" "$CORPUS_DIR" \
    "$OUT/ours/runs/ours/tokenizer/spm.model" "$DATA" || exit 1
-say "HOST $(nproc) cpus, pinned to '$CPUS', OMP_NUM_THREADS=$THREADS, budget ${BUDGET_MIN} min, $(date -u +%FT%TZ)"
+say "HOST $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(nproc) cpus, pinned to '$CPUS', OMP_NUM_THREADS=$THREADS, budget ${BUDGET_MIN} min, $(date -u +%FT%TZ)"
 
 # ---------------------------------------------------------------- toolkits
 q_ours() {
