@@ -40,3 +40,11 @@ def test_jobs_are_ranked_by_valid_bleu_and_shared_overrides_go_above(tmp_path, m
     assert rows[1].split("|")[5:7] == [" 30.0 ", " 31.0 "]
     assert "99" not in out.out
     assert f"{tmp_path / '2'}: no validation yet" in out.err
+
+
+def test_a_missing_multirun_directory_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        _run(monkeypatch, capsys, tmp_path / "nope")
+    assert str(exit_.value) == f"{tmp_path / 'nope'}: no such multirun directory"

@@ -48,7 +48,11 @@ def table(rows: List[Dict]) -> str:
 def main(argv: List[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
-    jobs = [j for d in map(Path, argv) for j in sorted(d.iterdir(), key=lambda p: p.name)
+    missing = [d for d in argv if not Path(d).is_dir()]
+    if missing:
+        raise SystemExit(f"{missing[0]}: no such multirun directory")
+    by_number = lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
+    jobs = [j for d in map(Path, argv) for j in sorted(Path(d).iterdir(), key=by_number)
             if (j / ".hydra" / "overrides.yaml").exists() and (j / "metrics.jsonl").exists()]
     if not jobs:
         raise SystemExit(f"{', '.join(argv)}: no multirun job with metrics.jsonl")
