@@ -63,10 +63,11 @@ def table(results: Path):
 def main():
     out = Path(sys.argv[1])
     (out / "curves").mkdir(exist_ok=True)
-    for peer in PATTERNS:
-        log = out / peer / "train.log"
-        if log.exists():
-            rows = curve(peer, log)
+    for log in sorted(out.glob("*/train.log")):
+        peer = log.parent.name
+        toolkit = peer.split("_")[0]  # joeynmt_small: Joey NMT's log
+        if toolkit in PATTERNS:
+            rows = curve(toolkit, log)
             with open(out / "curves" / f"{peer}.tsv", "w", encoding="utf-8") as f:
                 f.write("minutes\tvalid_bleu\n")
                 f.writelines(f"{m:.2f}\t{b:.2f}\n" for m, b in rows)

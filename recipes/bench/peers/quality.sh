@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash recipes/bench/peers/quality.sh [OUT_DIR]      (BUDGET_MIN=30 PEERS="ours joeynmt onmt fairseq")
+# bash recipes/bench/peers/quality.sh [OUT_DIR]      (BUDGET_MIN=30 PEERS="ours joeynmt onmt fairseq"; also joeynmt_small)
 #
 # Quality side by side on Multi30k en->de: each toolkit trains with its own documented RNN
 # recipe for the same wall-clock budget on the same pinned cores, on the same text with the same
@@ -12,6 +12,8 @@
 #   joeynmt  joeynmt_quality.yaml.in (Joey NMT's IWSLT14 RNN recipe); SIGINT at BUDGET (Joey saves
 #            its weights on it); `joeynmt test` with best.ckpt (lowest valid loss, Joey's choice),
 #            or the weights saved on SIGINT when it never validated
+#   joeynmt_small  the same recipe with our model's sizes (emb 256, encoder 256 per direction,
+#            decoder 512): what Joey NMT's code reaches when its recipe's size fits 2 cores
 #   onmt     onmt_quality.yaml.in (OpenNMT-py's quickstart: its default 2-layer LSTM); SIGINT at
 #            BUDGET; the last saved checkpoint (saved every 250 steps) translates
 #   fairseq  the lstm_wiseman_iwslt_de_en architecture with the optimiser flags of fairseq's LSTM
@@ -65,8 +67,9 @@ q_ours() {
   score ours "$W/runs/ours/test.hyp" "$W/train.log"
 }
 
-q_joeynmt() {
-  local V="$PEERS_ROOT/joeynmt/bin" W="$OUT/joeynmt" J ckpt
+q_joeynmt() {  # [name]: joeynmt, or joeynmt_small (the same recipe with our model's sizes)
+  local name="${1:-joeynmt}" V="$PEERS_ROOT/joeynmt/bin" J ckpt
+  local W="$OUT/$name"
   mkdir -p "$W"
   # Joey NMT 2.3.0 with current torch / sentencepiece: ReduceLROnPlateau lost `verbose=`
   # (torch 2.7), SentencePieceProcessor lost SetVocabulary (sentencepiece 0.2)
@@ -74,16 +77,22 @@ q_joeynmt() {
   sed -i 's/^\(\s*\)"verbose": False,$/\1# "verbose": False,  (removed by mt quality.sh)/' "$J/builders.py"
   "$V/pip" install -q 'sentencepiece==0.1.99' > "$W/pip.log" 2>&1
   sed -e "s#@DATA@#$DATA#g; s#@WORK@#$W#g" "$HERE/joeynmt_quality.yaml.in" > "$W/train.yaml"
+  if [ "$name" = joeynmt_small ]; then  # emb 620 -> 256, encoder 500 -> 256 per direction, decoder 1000 -> 512
+    sed -i -e 's/embedding_dim: 620/embedding_dim: 256/; s/hidden_size: 500$/hidden_size: 256/' \
+        -e 's/hidden_size: 1000$/hidden_size: 512/; s/^name: "\(.*\)"/name: "\1_our_sizes"/' "$W/train.yaml"
+    grep -q 'hidden_size: 512' "$W/train.yaml" || { say "QUALITY peer=$name status=FAILED sizes"; return; }
+  fi
   run "$W/train.log" -- timeout -s INT "${BUDGET_MIN}m" "$V/python" -m joeynmt train "$W/train.yaml" --skip-test
   # best.ckpt (lowest valid loss) exists once Joey has validated; else the weights it saved on SIGINT.
   # Joey's test mode translates every split it is given: the test yaml names test only.
   ckpt="$W/model/best.ckpt"; [ -e "$ckpt" ] || ckpt="$W/model/latest.ckpt"
   sed -e "s#load_model: .*#load_model: \"$ckpt\"#; /^    dev: /d" "$W/train.yaml" > "$W/test.yaml"
   run "$W/test.log" -- "$V/python" -m joeynmt test "$W/test.yaml" -o "$W/hyp"
-  [ -f "$W/hyp.test" ] || { say "QUALITY peer=joeynmt status=FAILED test"; return; }
+  [ -f "$W/hyp.test" ] || { say "QUALITY peer=$name status=FAILED test"; return; }
   cp "$W/hyp.test" "$W/test.hyp"
-  score joeynmt "$W/test.hyp" "$W/train.log"
+  score "$name" "$W/test.hyp" "$W/train.log"
 }
+q_joeynmt_small() { q_joeynmt joeynmt_small; }
 
 q_onmt() {
   local B="$PEERS_ROOT/onmt/bin" W="$OUT/onmt" last
@@ -122,8 +131,8 @@ q_fairseq() {
 }
 
 for p in $PEERS; do
-  if [ "$p" != ours ] && [ ! -f "$PEERS_ROOT/$p/.bench_ok" ]; then
-    say "QUALITY peer=$p status=SKIPPED (no venv in $PEERS_ROOT/$p: bash $HERE/setup_envs.sh)"; continue
+  if [ "$p" != ours ] && [ ! -f "$PEERS_ROOT/${p%_small}/.bench_ok" ]; then
+    say "QUALITY peer=$p status=SKIPPED (no venv in $PEERS_ROOT/${p%_small}: bash $HERE/setup_envs.sh)"; continue
   fi
   echo "[quality] $p: training for $BUDGET_MIN minutes, $(date -u +%T)"
   "q_$p"
