@@ -39,7 +39,7 @@ def table(rows: List[Dict]) -> str:
              "| job | overrides | steps | minutes | best valid BLEU | averaged | ",
              "|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r["score"]):
-        own = " ".join(o for o in r["overrides"] if o not in common)
+        own = " ".join(o for o in r["overrides"] if o not in common and not o.startswith("name="))  # the job's path says it
         avg = "-" if r["averaged"] is None else f"{r['averaged']:.1f}"
         lines.append(f"| {r['job']} | `{own}` | {r['steps']} | {r['minutes']:.1f} | {r['best']:.1f} | {avg} |")
     return "\n".join(lines)
