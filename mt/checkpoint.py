@@ -33,7 +33,7 @@ from mt.rundir import BEST, LAST, OLD, TEMP_SUFFIX, step_name, step_of
 
 CHECKPOINT_FORMAT = 1
 # changing these does not change the architecture: a run may resume with new values
-NOT_ARCHITECTURE = {"dropout", "emb_dropout"}
+NOT_ARCHITECTURE = {"dropout", "emb_dropout", "word_dropout"}
 REQUIRED_KEYS = ("model", "step", "config", "model_config", "tokenizer")  # in every file save() writes
 
 

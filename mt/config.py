@@ -98,6 +98,10 @@ class ModelConfig:
     tie_embeddings: Literal["none", "decoder", "all"] = "none"
     dropout: float = 0.3  # between layers and before the output layer
     emb_dropout: float = 0.2
+    # Word dropout (training only): each source and target input piece becomes <unk> with this
+    # probability, so the model cannot lean on any one piece (Sennrich & Zhang 2019 for
+    # low-resource RNNs). The reference the loss scores is never changed.
+    word_dropout: float = 0.0
 
 
 @dataclass
@@ -209,7 +213,7 @@ RANGES: Dict[str, str] = {
     "tokenizer.seed": SEED,
     "model.emb_size": "[1, inf)", "model.enc_hidden": "[1, inf)", "model.enc_layers": "[1, inf)",
     "model.dec_hidden": "[1, inf)", "model.dec_layers": "[1, inf)", "model.attn_size": "[1, inf)",
-    "model.dropout": "[0, 1)", "model.emb_dropout": "[0, 1)",  # 1 would drop everything
+    "model.dropout": "[0, 1)", "model.emb_dropout": "[0, 1)", "model.word_dropout": "[0, 1)",  # 1 would drop everything
     # no upper bound: a diverging lr is the training loop's business (it stops on non-finite losses)
     "train.lr": "(0, inf)", "train.betas": "[0, 1)", "train.weight_decay": "[0, inf)",
     "train.warmup_steps": "[0, inf)", "train.min_lr": "[0, inf)",

@@ -8,6 +8,7 @@ cheaply) both are torch's own.
 
     mask = dropout_mask(shape, p, like)    # 0 or 1 / keep, as a tensor to multiply by
     layer = Dropout(p)                     # nn.Dropout with that mask on the CPU
+    tokens = word_dropout(tokens, p)       # pieces -> <unk> with probability p (specials kept)
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
+
+from mt.tokenizer import EOS_ID, UNK_ID
 
 
 def keep_mask(shape, p: float, device) -> Tuple[Tensor, float]:
@@ -43,3 +46,12 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         keep, scale = keep_mask(x.shape, self.p, x.device)
         return x.mul(keep).mul_(scale)
+
+
+def word_dropout(tokens: Tensor, p: float) -> Tensor:
+    """tokens: batch x len ids -> a copy where each piece (an id above the specials: padding,
+    BOS and EOS stay) is <unk> with probability p. A new tensor; `tokens` is not changed."""
+    if p == 0:
+        return tokens
+    drop = (torch.rand(tokens.shape, device=tokens.device) < p) & (tokens > EOS_ID)
+    return tokens.masked_fill(drop, UNK_ID)

@@ -20,15 +20,17 @@ from mt.attention import mask_bias
 from mt.cells import GATES
 from mt.config import ConfigError, ModelConfig
 from mt.decoder import RecurrentDecoder
+from mt.dropout import word_dropout
 from mt.encoder import EncoderOut, RecurrentEncoder
 from mt.tokenizer import PAD_ID
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, encoder: RecurrentEncoder, decoder: RecurrentDecoder):
+    def __init__(self, encoder: RecurrentEncoder, decoder: RecurrentDecoder, word_dropout: float = 0.0):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.word_dropout = word_dropout  # training only: input pieces -> <unk> (mt.dropout)
 
     def encode(self, src: Tensor, src_len: Tensor, encoder: Optional[nn.Module] = None) -> EncoderOut:
         """src: batch x src_len ids (PAD after the end); src_len: batch. `encoder`: another copy
@@ -44,6 +46,8 @@ class Seq2Seq(nn.Module):
                 decoder_backward: str = "autograd") -> Tuple[Tensor, Tensor]:
         """Teacher forcing. tgt_in: batch x T (BOS + reference) -> attentional vectors
         batch x T x out_size and attention weights batch x T x src_len."""
+        if self.training and self.word_dropout:
+            src, tgt_in = word_dropout(src, self.word_dropout), word_dropout(tgt_in, self.word_dropout)
         enc = self.encode(src, src_len)
         return self.decoder(tgt_in, self.decoder.init_state(enc), enc, tf_ratio, decoder_backward)
 
@@ -92,7 +96,7 @@ def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, seed: Optional
         cfg.cell, tgt_embed, encoder.output_size, cfg.dec_hidden, cfg.dec_layers, cfg.decoder,
         cfg.attention, cfg.attn_size, cfg.input_feeding, cfg.bridge == "bridge", out_size,
         tgt_vocab, cfg.dropout, cfg.emb_dropout)
-    model = Seq2Seq(encoder, decoder)
+    model = Seq2Seq(encoder, decoder, cfg.word_dropout)
     _init_weights(model)
     if tie != "none":
         decoder.output_layer.weight = tgt_embed.weight

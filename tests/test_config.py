@@ -110,6 +110,7 @@ OUT_OF_RANGE = [
     ("train.lr=nan", "train.lr=nan is out of range: must be > 0"),
     ("model.dropout=1.0", "model.dropout=1.0 is out of range: must be in [0, 1)"),
     ("model.emb_dropout=-0.1", "model.emb_dropout=-0.1 is out of range: must be in [0, 1)"),
+    ("model.word_dropout=1", "model.word_dropout=1.0 is out of range: must be in [0, 1)"),
     ("train.label_smoothing=1.0", "train.label_smoothing=1.0 is out of range: must be in [0, 1)"),
     ("decode.top_p=0", "decode.top_p=0.0 is out of range: must be in (0, 1]"),
     ("decode.top_p=1.5", "decode.top_p=1.5 is out of range: must be in (0, 1]"),

@@ -274,3 +274,36 @@ def test_encoder_under_cpu_bf16_autocast_multiplies_in_bf16_and_trains_the_float
         assert p.dtype == p.grad.dtype == torch.float32, name
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref[name].flatten(), dim=0)
         assert cos > 0.98, (name, float(cos))
+
+
+def test_word_dropout_replaces_pieces_only_at_its_rate():
+    from mt.dropout import word_dropout
+    from mt.tokenizer import EOS_ID, UNK_ID
+    tokens = torch.randint(0, V, (200, 50), generator=torch.Generator().manual_seed(1))
+    before = tokens.clone()
+    assert word_dropout(tokens, 0.0) is tokens
+    dropped = word_dropout(tokens, 0.25)
+    assert torch.equal(tokens, before)  # a copy: the batch is not changed in place
+    changed = dropped != tokens
+    assert torch.all(dropped[changed] == UNK_ID)
+    assert torch.equal(dropped[tokens <= EOS_ID], tokens[tokens <= EOS_ID])  # pad, unk, bos, eos stay
+    pieces = tokens > EOS_ID
+    assert abs(changed.sum().item() / pieces.sum().item() - 0.25) < 0.02
+
+
+def test_word_dropout_feeds_unk_to_both_sides_in_training_only():
+    from mt.dropout import word_dropout
+    src, src_len, tgt_in = batch(b=16, s=9, t=8)
+    model = build_model(model_cfg(word_dropout=0.3), V, V, seed=0)
+    model.train()
+    torch.manual_seed(5)
+    att, attn = model(src, src_len, tgt_in)
+    torch.manual_seed(5)  # the same draws, made by hand, in the same order
+    src_d, tgt_d = word_dropout(src, 0.3), word_dropout(tgt_in, 0.3)
+    assert not torch.equal(src_d, src) and not torch.equal(tgt_d, tgt_in)
+    model.eval()
+    att_d, attn_d = model(src_d, src_len, tgt_d)
+    torch.testing.assert_close(att, att_d)
+    torch.testing.assert_close(attn, attn_d)
+    plain = build_model(model_cfg(), V, V, seed=0).eval()
+    torch.testing.assert_close(model(src, src_len, tgt_in)[0], plain(src, src_len, tgt_in)[0])

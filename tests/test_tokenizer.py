@@ -62,6 +62,21 @@ def test_encoded_corpus_matches_encoder(prepared, tmp_path):
     assert corpus.src(0).dtype == np.int32
 
 
+def test_same_data_gives_the_same_model_bytes_in_any_folder(prepared, tmp_path):
+    # Ensembles and mt-average compare tokenizer bytes, so the same recipe in two clones (other
+    # paths, other core counts) must give one model: no path and no machine's thread count in it.
+    from sentencepiece import sentencepiece_model_pb2
+
+    from mt.tokenizer import SPM_THREADS
+    a = train_tokenizer(tok_cfg(), prepared, tmp_path / "clone_a" / "tok")
+    b = train_tokenizer(tok_cfg(), prepared, tmp_path / "elsewhere" / "b")
+    assert a.src.serialized_model_proto() == b.src.serialized_model_proto()
+    assert (tmp_path / "clone_a" / "tok" / "spm.model").read_bytes() == a.src.serialized_model_proto()
+    spec = sentencepiece_model_pb2.ModelProto.FromString(a.src.serialized_model_proto()).trainer_spec
+    assert spec.model_prefix == "" and spec.num_threads == SPM_THREADS
+    assert not list((tmp_path / "clone_a" / "tok").glob("*.tmp"))
+
+
 def test_stage_skips_when_done_and_vocab_override_retrains(prepared, tmp_path):
     out = tmp_path / "tok"
     train_tokenizer(tok_cfg(vocab_size=600), prepared, out)
