@@ -101,9 +101,9 @@ def test_average_of_states_is_the_mean_and_keeps_integer_buffers():
 
 
 def test_average_last_keeps_n_snapshots_and_validates_their_mean(tiny_cfg, tmp_path, monkeypatch):
-    import mt.train
+    import mt.validation
 
-    monkeypatch.setattr(mt.train, "improved", lambda metric, value, best: True)  # the average wins
+    monkeypatch.setattr(mt.validation, "improved", lambda metric, value, best: True)  # the average wins
     over = {**FAST, "train.max_steps": 12, "train.valid_every": 3, "train.valid_max_sentences": 5,
             "train.average_last": 3}
     run(tiny_cfg(**over), tmp_path)
