@@ -101,7 +101,7 @@ class Tokenizer:
         return [self.src.id_to_piece(int(i)) for i in ids]
 
 
-def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path, where: str) -> None:
+def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], path: Path, where: str) -> None:
     first = next(sentences, None)
     if first is None:  # prepare refuses empty splits; SentencePiece would say only "no data"
         raise DataError(f"{where}: no sentences to train SentencePiece on: run the prepare stage again (force=true)")
@@ -119,8 +119,8 @@ def _train_model(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path, w
             minloglevel=2, train_extremely_large_corpus=False)
     except RuntimeError as e:  # the data and the vocabulary do not fit: the user's to fix
         raise TokenizerError(f"tokenizer.vocab_size={cfg.vocab_size}: SentencePiece cannot train "
-                             f"{prefix.name}.model on {where}: {_spm_reason(e)}") from None
-    rundir.write_bytes_atomic(prefix.with_name(prefix.name + ".model"), model.getvalue())
+                             f"{path.name} on {where}: {_spm_reason(e)}") from None
+    rundir.write_bytes_atomic(path, model.getvalue())
 
 
 def _spm_reason(e: RuntimeError) -> str:
@@ -217,10 +217,10 @@ def train_tokenizer(cfg: TokenizerConfig, data_dir: Path, out_dir: Path, force: 
              "joint" if cfg.joint else "one per side", f"{sample:,}", f"{sides * len(train):,}")
     where = f"the train split in {data_dir}"
     if cfg.joint:
-        _train_model(cfg, _sentences(train, ["src", "tgt"]), out_dir / "spm", where)
+        _train_model(cfg, _sentences(train, ["src", "tgt"]), out_dir / "spm.model", where)
     else:
-        _train_model(cfg, _sentences(train, ["src"]), out_dir / "src", f"{where} (source side)")
-        _train_model(cfg, _sentences(train, ["tgt"]), out_dir / "tgt", f"{where} (target side)")
+        _train_model(cfg, _sentences(train, ["src"]), out_dir / "src.model", f"{where} (source side)")
+        _train_model(cfg, _sentences(train, ["tgt"]), out_dir / "tgt.model", f"{where} (target side)")
     tok = Tokenizer.from_dir(out_dir)
     vocab = (f"{tok.src_vocab_size} (joint)" if tok.joint
              else f"source {tok.src_vocab_size}, target {tok.tgt_vocab_size}")

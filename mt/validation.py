@@ -25,7 +25,7 @@ from mt.precision import autocast
 from mt.rundir import RunDir, fingerprint, is_done, write_stamp
 from mt.tokenizer import PAD_ID, IdCorpus, Tokenizer
 
-log = logging.getLogger("mt.train")
+log = logging.getLogger("mt.train")  # the train stage's logger: these lines are part of its log
 
 # Validation decodes greedily with a generous length cap: it measures the model, not the search.
 VALID_MAX_LEN_A, VALID_MAX_LEN_B = 1.5, 10

@@ -116,7 +116,7 @@ def test_a_vocabulary_too_large_for_the_data_is_one_line_naming_the_key(tmp_path
 
     monkeypatch.setattr(mt.tokenizer.spm.SentencePieceTrainer, "train", refuse)
     with pytest.raises(TokenizerError) as e:
-        mt.tokenizer._train_model(tok_cfg(vocab_size=9000), iter(["a b"]), tmp_path / "src", "X")
+        mt.tokenizer._train_model(tok_cfg(vocab_size=9000), iter(["a b"]), tmp_path / "src.model", "X")
     assert str(e.value) == ("tokenizer.vocab_size=9000: SentencePiece cannot train src.model on X: "
                             "Vocabulary size too high (9000). Please set it to a value <= 527.")
 
@@ -125,4 +125,4 @@ def test_sentencepiece_never_sees_an_empty_split(tmp_path):
     import mt.tokenizer
 
     with pytest.raises(DataError, match=r"^the train split in runs/x/data: no sentences to train SentencePiece on"):
-        mt.tokenizer._train_model(tok_cfg(), iter([]), tmp_path / "spm", "the train split in runs/x/data")
+        mt.tokenizer._train_model(tok_cfg(), iter([]), tmp_path / "spm.model", "the train split in runs/x/data")
